@@ -1,0 +1,7 @@
+"""`python -m lenslab` runs the command line."""
+
+import sys
+
+from lenslab.cli import main
+
+sys.exit(main())

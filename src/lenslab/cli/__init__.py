@@ -1,0 +1,53 @@
+"""The `lenslab` command line: one subcommand per job, each in its own module of this package.
+
+Every subcommand module exposes `register(subparsers)`, which adds its parser and sets
+`run=<function taking the parsed namespace and returning an exit code>`. The CLI owns user-facing
+output; the library underneath only returns results and raises `LensLabError` for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from lenslab import __version__
+from lenslab.errors import LensLabError
+
+# Subcommand modules, in the order `--help` lists them.
+SUBCOMMANDS: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lenslab",
+        description="See what every layer of a transformer predicts (logit lens, tuned lens and more).",
+    )
+    parser.add_argument("--version", action="version", version=f"lenslab {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"lenslab.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 success, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except LensLabError as error:
+        print(f"lenslab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
