@@ -1,0 +1,113 @@
+"""Residual capture: the residual stream at every lens position from one forward pass.
+
+Lens position 0 is the input of layer 0 (after embedding scaling, BLOOM's embedding layernorm or
+OPT's project_in), position l the output of layer l - 1, and position L the last layer's output
+before the final norm. Hooks read them, rather than ``output_hidden_states``, because Hugging Face's
+last hidden state already has the final norm applied in most families.
+
+>>> from transformers import AutoModelForCausalLM, GPT2Config
+>>> from lenslab.adapter import ModelView
+>>> config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2)
+>>> view = ModelView.from_model(AutoModelForCausalLM.from_config(config))
+>>> res = capture_residuals(view, torch.tensor([[5, 6, 7]]), positions=[0, 1], need_logits=False)
+>>> [None if h is None else tuple(h.shape) for h in res.hidden], res.logits
+([(1, 3, 16), (1, 3, 16), None], None)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lenslab.errors import LensLabError
+
+if TYPE_CHECKING:
+    from lenslab.adapter import ModelView
+
+
+class Residuals(NamedTuple):
+    """What one forward pass captured."""
+
+    hidden: list[Tensor | None]
+    """Length L + 1; ``hidden[p]``: [batch, seq, d_model] residual at lens position p, None if not requested."""
+    logits: Tensor | None
+    """[batch, seq, vocab] the model's own output logits; None when not needed (the forward may have stopped early)."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last requested layer to skip the rest of the forward."""
+
+
+def capture_residuals(
+    view: ModelView,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    positions: list[int] | None = None,
+    need_logits: bool = True,
+) -> Residuals:
+    """Residuals at the requested lens positions, and optionally the logits, from one forward.
+
+    input_ids, attention_mask: [batch, seq]. ``positions`` (default: all L + 1) may be negative,
+    counting from the end. With ``need_logits=False`` the forward stops after the last requested
+    layer. With an attention mask, position ids follow it as in ``generate()``, so a left-padded row
+    gives the same residuals at its real tokens as the unpadded sequence. Runs under the caller's
+    grad mode; the tensors are the model's own, not copies. Hooks are removed even on errors.
+    """
+    num_positions = view.num_positions
+    wanted = range(num_positions) if positions is None else positions
+    if any(not -num_positions <= p < num_positions for p in wanted):
+        raise LensLabError(
+            f"Requested lens positions {list(wanted)} but {type(view.model).__name__} has positions "
+            f"0..{num_positions - 1}; pass positions within that range (or None for all)."
+        )
+    wanted = sorted({p % num_positions for p in wanted})
+    hidden: list[Tensor | None] = [None] * num_positions
+    if not wanted and not need_logits:
+        return Residuals(hidden=hidden, logits=None)
+    # Position p is captured when layer p - 1 returns (position 0 just before layer 0 starts).
+    stop_at = None if need_logits else wanted[-1]
+
+    def store(position: int, h: Tensor) -> None:
+        hidden[position] = h
+        if position == stop_at:
+            raise _StopForward
+
+    def before_first_layer(module, args, kwargs):
+        # transformers 5 may pass hidden_states by keyword.
+        store(0, args[0] if args else kwargs["hidden_states"])
+
+    def after_layer(position: int):
+        def hook(module, args, output):
+            # Layers return the hidden states alone or first in a tuple.
+            store(position, output[0] if isinstance(output, (tuple, list)) else output)
+
+        return hook
+
+    handles = [view.layers[0].register_forward_pre_hook(before_first_layer, with_kwargs=True)] if 0 in wanted else []
+    handles += [view.layers[p - 1].register_forward_hook(after_layer(p)) for p in wanted if p > 0]
+    try:
+        output = view.model(**_forward_kwargs(view, input_ids, attention_mask))
+    except _StopForward:
+        output = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Residuals(hidden=hidden, logits=output.logits if need_logits else None)
+
+
+def _forward_kwargs(view: ModelView, input_ids: Tensor, attention_mask: Tensor | None) -> dict:
+    """Keyword arguments for the model's forward: no KV cache, and mask-following position ids."""
+    kwargs: dict = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is None:
+        return kwargs
+    kwargs["attention_mask"] = attention_mask
+    # Families with position ids count them from 0 at every row's first real token, as generate() does;
+    # the others (ALiBi in BLOOM, OPT's learned positions) already derive them from the mask.
+    if "position_ids" in inspect.signature(view.model.forward).parameters:
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        kwargs["position_ids"] = position_ids.masked_fill(attention_mask == 0, 1)
+    return kwargs

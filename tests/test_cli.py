@@ -1,0 +1,37 @@
+"""The command line's entry points: `lenslab` and `python -m lenslab`."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lenslab import __version__
+from lenslab.cli import SUBCOMMANDS, main
+
+
+def test_version_via_python_m():
+    result = subprocess.run([sys.executable, "-m", "lenslab", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"lenslab {__version__}"
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: lenslab" in capsys.readouterr().out
+
+
+def test_unknown_subcommand_fails():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["no-such-command"])
+    assert exit_info.value.code == 2
