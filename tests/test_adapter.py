@@ -138,12 +138,15 @@ class Block(nn.Module):
         super().__init__()
         self.norm, self.mlp = nn.LayerNorm(d), nn.Linear(d, d)
 
-    def forward(self, h):
-        return h + self.mlp(self.norm(h))
+    def forward(self, hidden_states):
+        return hidden_states + self.mlp(self.norm(hidden_states))
 
 
 class TrunkLM(PreTrainedModel):
-    """Embedding -> an input norm (not named as an embedding norm) -> blocks -> output norm -> head."""
+    """Embedding -> an input norm (not named as an embedding norm) -> blocks -> output norm -> head.
+
+    Its blocks get the residual by keyword and its forward takes no ``use_cache``, unlike the families.
+    """
 
     config_class = TrunkConfig
 
@@ -164,10 +167,10 @@ class TrunkLM(PreTrainedModel):
     def get_output_embeddings(self):
         return self.head
 
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None):
         h = self.trunk.input_norm(self.trunk.embed(input_ids))
         for block in self.trunk.blocks:
-            h = block(h)
+            h = block(hidden_states=h)
         return CausalLMOutput(logits=self.head(self.trunk.out_norm(h)))
 
 

@@ -18,8 +18,8 @@ reproduce the model's own logits.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +84,7 @@ class ModelView:
     model: PreTrainedModel = field(repr=False)
     """The wrapped model (eval mode; callers freeze it)."""
     layers: nn.ModuleList = field(repr=False)
-    """Decoder blocks, ``len == num_layers``."""
+    """Decoder blocks, ``len == num_layers`` (an ``nn.Sequential`` of blocks when given explicitly)."""
     final_norm: nn.Module | None = field(repr=False)
     """Norm applied to the last residual; None for post-LN models whose last layer output is normalised."""
     unembed: nn.Module = field(repr=False)
@@ -122,7 +122,6 @@ class ModelView:
         """
         config = model.config.get_text_config()
         layers_path, layer_list = _find_layers(model, layers, config)
-        unembed_path, unembed_module = _find_unembed(model, unembed)
         if layers_path is None:
             raise LensLabError(
                 f"Could not find the decoder layers of {type(model).__name__} (tried {', '.join(PATHS['layers'])} "
@@ -130,12 +129,8 @@ class ModelView:
                 "pass their dotted path, e.g. ModelView.from_model(model, layers='model.layers', "
                 "final_norm='model.norm')."
             )
+        unembed_path, unembed_module = _find_unembed(model, unembed)
         project_out_path, project_out = _first_present(model, PATHS["project_out"])
-        scale = 1.0
-        for name, multiplier in LOGIT_MULTIPLIERS.items():
-            value = getattr(config, name, None)
-            if value is not None and value != 1:
-                scale *= multiplier(float(value))
         softcap = getattr(config, "final_logit_softcapping", None)
         view = cls(
             model=model,
@@ -144,7 +139,7 @@ class ModelView:
             unembed=unembed_module,
             project_out=project_out,
             logit_softcap=float(softcap) if softcap else None,
-            logit_scale=scale if scale != 1.0 else None,
+            logit_scale=_logit_scale(config),
             layers_path=layers_path,
             final_norm_path=NO_NORM,
             unembed_path=unembed_path,
@@ -351,6 +346,16 @@ def _find_unembed(model: PreTrainedModel, path: str | None) -> tuple[str, nn.Mod
         )
     name = next(name for name, candidate in model.named_modules() if candidate is module)
     return name, module
+
+
+def _logit_scale(config) -> float | None:
+    """The product of the ``LOGIT_MULTIPLIERS`` the config sets, None when it sets none."""
+    scale = 1.0
+    for name, multiplier in LOGIT_MULTIPLIERS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != 1:
+            scale *= multiplier(float(value))
+    return None if scale == 1.0 else scale
 
 
 def _is_norm(module: nn.Module) -> bool:

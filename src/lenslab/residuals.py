@@ -5,6 +5,7 @@ OPT's project_in), position l the output of layer l - 1, and position L the last
 before the final norm. Hooks read them, rather than ``output_hidden_states``, because Hugging Face's
 last hidden state already has the final norm applied in most families.
 
+>>> import torch
 >>> from transformers import AutoModelForCausalLM, GPT2Config
 >>> from lenslab.adapter import ModelView
 >>> config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2)
@@ -19,7 +20,6 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, NamedTuple
 
-import torch
 from torch import Tensor
 
 from lenslab.errors import LensLabError
@@ -101,13 +101,15 @@ def capture_residuals(
 
 def _forward_kwargs(view: ModelView, input_ids: Tensor, attention_mask: Tensor | None) -> dict:
     """Keyword arguments for the model's forward: no KV cache, and mask-following position ids."""
-    kwargs: dict = {"input_ids": input_ids, "use_cache": False}
-    if attention_mask is None:
-        return kwargs
-    kwargs["attention_mask"] = attention_mask
-    # Families with position ids count them from 0 at every row's first real token, as generate() does;
-    # the others (ALiBi in BLOOM, OPT's learned positions) already derive them from the mask.
-    if "position_ids" in inspect.signature(view.model.forward).parameters:
+    accepts = inspect.signature(view.model.forward).parameters
+    kwargs: dict = {"input_ids": input_ids}
+    if "use_cache" in accepts:
+        kwargs["use_cache"] = False
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    # Position ids count from 0 at every row's first real token, as generate() does; some families
+    # (GPT-2, GPT-Neo) would otherwise count the pads, so a left-padded row would not match its sequence.
+    if attention_mask is not None and "position_ids" in accepts:
         position_ids = attention_mask.long().cumsum(-1) - 1
         kwargs["position_ids"] = position_ids.masked_fill(attention_mask == 0, 1)
     return kwargs

@@ -23,10 +23,18 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +81,8 @@ def _word(rng: random.Random, min_syllables: int, max_syllables: int) -> str:
 # The fact table is drawn from its own constant seed so every corpus seed states the same facts:
 # held-out text from any seed is then predictable by a model trained on any other.
 _FACT_RNG = random.Random(20230314)
-_COUNTRIES = sorted({_word(_FACT_RNG, 2, 3).capitalize() for _ in range(24)})
+# Few enough countries that a few hundred steps memorise most capitals.
+_COUNTRIES = sorted({_word(_FACT_RNG, 2, 3).capitalize() for _ in range(16)})
 _CAPITALS = {country: _word(_FACT_RNG, 2, 2).capitalize() for country in _COUNTRIES}
 _EXPORTS = {country: _FACT_RNG.choice(_THINGS) for country in _COUNTRIES}
 _NAMES = sorted({_word(_FACT_RNG, 2, 3).capitalize() for _ in range(80)})
@@ -145,7 +154,7 @@ def generate_corpus(n_documents: int, seed: int) -> list[str]:
     """``n_documents`` synthetic documents of a few sentences each; the same list for the same seed.
 
     >>> generate_corpus(1, seed=3)[0].split(".")[0]
-    'Elnu met Vomi at the market and said the word fikaka'
+    'Minura met Zanfimi at the harbour and said the word tenzanmortha'
     """
     rng = random.Random(seed)
     return [_document(rng) for _ in range(n_documents)]
@@ -207,22 +216,28 @@ def unigram_entropy(chunks: torch.Tensor, vocab_size: int) -> float:
 
 
 def _write_documents(path: Path, documents: list[str]) -> None:
+    # Documents never contain a newline, so a blank line separates them unambiguously.
     path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """The documents of a :data:`TRAIN_FILE` or :data:`HELDOUT_FILE`, in order."""
+    return Path(path).read_text(encoding="utf-8").strip().split("\n\n")
 
 
 def train_tiny_lm(
     output_dir: str | Path,
     *,
     seed: int = 0,
-    steps: int = 250,
+    steps: int = 480,
     n_layer: int = 4,
     d_model: int = 64,
     n_head: int = 4,
     n_positions: int = 128,
     vocab_size: int = 768,
-    batch_size: int = 16,
-    learning_rate: float = 3e-3,
-    n_documents: int = 6000,
+    batch_size: int = 8,
+    learning_rate: float = 8e-3,
+    n_documents: int = 8000,
     n_heldout: int = 300,
 ) -> Path:
     """Train a GPT-2 on :func:`generate_corpus` and save it, its tokenizer and its corpus to ``output_dir``.
@@ -324,3 +339,26 @@ def train_tiny_lm(
     _write_documents(output_dir / HELDOUT_FILE, heldout_docs)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return output_dir
+
+
+class TinyLM(NamedTuple):
+    """A trained tiny LM loaded from the directory :func:`train_tiny_lm` wrote."""
+
+    model: PreTrainedModel
+    """GPT-2 in eval mode, float32."""
+    tokenizer: PreTrainedTokenizerFast
+    """Byte-level BPE; ``<|endoftext|>`` is eos, bos and pad."""
+    directory: Path
+    """Where it was loaded from: ``from_pretrained`` works on it."""
+    train_text_path: Path
+    """Training documents, separated by blank lines (see :func:`read_documents`)."""
+    heldout_text_path: Path
+    """Held-out documents, none of which occurs in the training file."""
+
+
+def load_tiny_lm(directory: str | Path) -> TinyLM:
+    """Load what :func:`train_tiny_lm` saved in ``directory``; each call returns a fresh model."""
+    directory = Path(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return TinyLM(model, tokenizer, directory, directory / TRAIN_FILE, directory / HELDOUT_FILE)

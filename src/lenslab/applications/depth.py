@@ -1,0 +1,169 @@
+"""Prediction depth: the layer at which a lens's top-1 guess settles on the model's final answer.
+
+Baldock et al. (2021) measure example difficulty by the earliest layer from which a probe's prediction
+equals the network's and stays equal; the tuned lens paper (Belrose et al. 2023) does the same per token with
+the tuned lens and finds it correlated with the token's loss and with when in training the token was learned.
+
+For a token position t, the lens at position l predicts ``top1[l, t]``; the final prediction is ``top1[L, t]``
+(the lens at the last position is the model's own head). The depth is the least ``l`` with
+``top1[l', t] == top1[L, t]`` for every ``l' >= l``: 0 when even the embeddings agree, L when only the model
+does. With a model's training checkpoints, the learning checkpoint of a token is likewise the first checkpoint
+from which its top-1 prediction is the true next token at that and every later checkpoint.
+
+>>> settled_from(torch.tensor([[True, False], [False, True], [True, True]]))
+tensor([2, 1])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from lenslab.adapter import ModelView
+from lenslab.errors import LensLabError
+from lenslab.lenses import Lens
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DepthResult:
+    """Prediction depth and loss of every predicted token; ``to_json()`` is the ``lenslab depth`` report."""
+
+    depths: Tensor
+    """[n_chunks, seq_len - 1] int64 prediction depth (0..L) of the prediction made at each position but the last."""
+    losses: Tensor
+    """[n_chunks, seq_len - 1] float32 the model's cross-entropy (nats) on the next token at each position."""
+    num_layers: int
+    """L: depths run from 0 to L."""
+    spearman_depth_loss: float
+    """Spearman rank correlation of depth with loss over all tokens (NaN when either is constant)."""
+    learned: Tensor | None = None
+    """[n_chunks, seq_len - 1] int64 index of the checkpoint from which each token is learned; -1 if never."""
+    checkpoints: list[str] | None = None
+    """Names of the checkpoints, in training order."""
+    spearman_depth_learned: float | None = None
+    """Spearman correlation of depth with the learning checkpoint, over tokens that were learned."""
+
+    def histogram(self) -> list[int]:
+        """Number of tokens at each depth 0..L."""
+        return torch.bincount(self.depths.flatten(), minlength=self.num_layers + 1).tolist()
+
+    def to_json(self) -> dict:
+        """Per-token lists (chunk after chunk), the histogram and the correlations; NaN is written as None."""
+        report = {
+            "num_layers": self.num_layers,
+            "shape": list(self.depths.shape),
+            "depths": self.depths.flatten().tolist(),
+            "losses": self.losses.flatten().tolist(),
+            "histogram": self.histogram(),
+            "mean_depth": float(self.depths.float().mean()),
+            "spearman_depth_loss": _finite_or_none(self.spearman_depth_loss),
+        }
+        if self.learned is not None:
+            report["checkpoints"] = self.checkpoints
+            report["learned"] = [None if index < 0 else index for index in self.learned.flatten().tolist()]
+            report["spearman_depth_learned"] = _finite_or_none(self.spearman_depth_learned)
+        return report
+
+
+def settled_from(flags: Tensor) -> Tensor:
+    """Least k with ``flags[k:]`` all True, along dim 0; ``len(flags)`` where ``flags[-1]`` is False.
+
+    flags: [K, ...] bool -> [...] int64.
+    """
+    # The trailing run of Trues is the running product from the end; its length counts back from K.
+    trailing = flags.flip(0).long().cumprod(0).sum(0)
+    return len(flags) - trailing
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman rank correlation of two equal-shape tensors, flattened; NaN when either is constant."""
+    x, y = x.flatten().double().numpy(), y.flatten().double().numpy()
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(spearmanr(x, y).statistic)
+
+
+def prediction_depth(view: ModelView, lens: Lens, tokens: Tensor, *, batch_size: int = 8) -> DepthResult:
+    """Prediction depth under ``lens`` and the model's loss for every token of ``tokens: [n_chunks, seq_len]``."""
+    _check_tokens(tokens, view.vocab_size)
+    depths, losses = [], []
+    for batch in tokens.split(batch_size):
+        batch = batch.to(view.device)
+        with torch.inference_mode():
+            residuals = view.capture(batch)
+            # top1: [L + 1, batch, seq - 1], the last position dropped: it predicts no token of the chunk.
+            top1 = torch.stack([lens(h[:, :-1], position).argmax(-1) for position, h in enumerate(residuals.hidden)])
+            depths.append(settled_from(top1 == top1[-1]).cpu())
+            logits = residuals.logits[:, :-1].float()
+            losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu())
+    result = DepthResult(torch.cat(depths), torch.cat(losses), view.num_layers, math.nan)
+    result.spearman_depth_loss = spearman(result.depths, result.losses)
+    logger.info("Mean prediction depth %.2f of %d; Spearman with loss %.3f", result.depths.float().mean(),
+                view.num_layers, result.spearman_depth_loss)  # fmt: skip
+    return result
+
+
+def learned_checkpoint(checkpoints: Iterable[PreTrainedModel], tokens: Tensor, *, batch_size: int = 8) -> Tensor:
+    """Index of the first checkpoint from which each token's top-1 prediction is right and stays right.
+
+    checkpoints: models in training order, consumed one at a time (pass a generator that loads each, so only one
+    is in memory); tokens: [n_chunks, seq_len] -> [n_chunks, seq_len - 1] int64, -1 for tokens the last checkpoint
+    gets wrong.
+    """
+    correct = []  # per checkpoint: [n_chunks, seq_len - 1] bool
+    for index, model in enumerate(checkpoints):
+        _check_tokens(tokens, model.get_output_embeddings().weight.shape[0], f"checkpoint {index + 1}")
+        device = model.device
+        flags = []
+        for batch in tokens.split(batch_size):
+            batch = batch.to(device)
+            with torch.inference_mode():
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+            flags.append((logits.argmax(-1) == batch[:, 1:]).cpu())
+        correct.append(torch.cat(flags))
+    if not correct:
+        raise LensLabError("No checkpoints were given; pass --checkpoints with at least one model.")
+    learned = settled_from(torch.stack(correct))
+    return learned.masked_fill(learned == len(correct), -1)
+
+
+def add_learning_order(result: DepthResult, learned: Tensor, names: list[str]) -> DepthResult:
+    """``result`` with the learning checkpoints of its tokens and their Spearman correlation with depth."""
+    if learned.shape != result.depths.shape:
+        raise LensLabError(
+            f"Learning checkpoints cover {list(learned.shape)} tokens but depths {list(result.depths.shape)}; "
+            "compute both on the same --data tokens."
+        )
+    was_learned = learned >= 0
+    result.learned, result.checkpoints = learned, names
+    result.spearman_depth_learned = spearman(result.depths[was_learned], learned[was_learned])
+    logger.info("%d of %d tokens learned; Spearman of depth with learning checkpoint %.3f",
+                int(was_learned.sum()), learned.numel(), result.spearman_depth_learned)  # fmt: skip
+    return result
+
+
+def _check_tokens(tokens: Tensor, vocab_size: int, what: str = "the model") -> None:
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise LensLabError(
+            f"Got token chunks of shape {list(tokens.shape)} where [n_chunks >= 1, seq_len >= 2] was expected; pass "
+            "more --data tokens or a longer --seq-len."
+        )
+    if int(tokens.max()) >= vocab_size:
+        raise LensLabError(
+            f"Token id {int(tokens.max())} is outside the vocabulary of {what} ({vocab_size} tokens); pass models "
+            "that share the tokenizer of --model."
+        )
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value

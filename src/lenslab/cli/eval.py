@@ -1,0 +1,191 @@
+"""`lenslab eval`: score the logit lens and trained lenses at every layer on held-out text.
+
+    lenslab eval --model gpt2 --lens lenses/gpt2 --data text.txt --tokens 65536 --output eval.json
+
+Writes the metrics as JSON (`EvalResult.to_json()` plus the data's provenance), a PNG of the per-layer curves
+next to it (or at `--plot`), with `--transfer` a heatmap of every translator at every layer, and prints a table.
+Everything is computed before anything is written, and every file is written atomically, so a failed run
+leaves earlier outputs as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args
+from lenslab.errors import LensLabError
+
+if TYPE_CHECKING:
+    from lenslab.evaluate import EvalResult
+
+log = logging.getLogger(__name__)
+
+UNITS = ("bits-per-byte", "nats")
+"""Choices of `--units`, as `EvalResult.unit_factor` takes them."""
+DEFAULT_TOKENS = 2**16
+"""Held-out tokens scored when `--tokens` is not given."""
+BATCH_TOKENS = 2**13
+"""Tokens per forward when `--batch-size` is not given (as in training)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score lenses layer by layer on held-out text",
+        description="Score the logit lens and any trained lenses at every layer on held-out text: cross-entropy, "
+        "KL to the model's prediction, entropy, top-1 agreement and marginal bias, as JSON, a table and a PNG.",
+    )
+    add_model_args(parser)
+    parser.add_argument(
+        "--lens", action="append", default=[], type=Path, metavar="DIR",
+        help="a trained lens directory; repeat to compare several (the logit lens is always evaluated)",
+    )  # fmt: skip
+    add_data_args(parser)
+    # Also spelled like `lenslab train`'s flag, which the data module names in its errors.
+    parser.add_argument(
+        "--tokens", "--heldout-tokens", dest="tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+        help=f"held-out tokens to score, from the start of the data, which training leaves out (default {DEFAULT_TOKENS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int, default=None, metavar="N",
+        help=f"sequences per forward pass (default: about {BATCH_TOKENS} tokens' worth)",
+    )  # fmt: skip
+    parser.add_argument("--output", "-o", type=Path, required=True, metavar="FILE.json", help="where to write the metrics")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="where to write the PNG (default: FILE.png)")
+    parser.add_argument(
+        "--transfer", action="store_true",
+        help="also apply every translator at every layer (JSON key 'transfer' and a FILE-transfer.png heatmap)",
+    )  # fmt: skip
+    parser.add_argument("--units", choices=UNITS, default=UNITS[0], help="units of the table and the plots")
+    parser.add_argument(
+        "--allow-model-mismatch", action="store_true",
+        help="apply lenses trained for another model of the same shape (e.g. the base of a fine-tune)",
+    )  # fmt: skip
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that `lenslab --help` does not pay for torch, transformers and matplotlib.
+    from lenslab.adapter import ModelView
+    from lenslab.artifacts import atomic_write_json
+    from lenslab.data import prepare_tokens
+    from lenslab.evaluate import evaluate_lenses, transfer_matrix
+    from lenslab.lenses import LogitLens, TunedLens
+    from lenslab.loading import load_model
+    from lenslab.plots import plot_curves, plot_transfer
+
+    if args.tokens < 1:
+        raise LensLabError(f"--tokens is {args.tokens}; pass a positive number of held-out tokens to score.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise LensLabError(f"--batch-size is {args.batch_size}; pass 1 or more.")
+    if args.transfer and not args.lens:
+        raise LensLabError("--transfer needs a trained lens to apply at other layers; pass --lens DIR.")
+    plot_path = args.plot or args.output.with_suffix(".png")
+    transfer_path = plot_path.with_name(f"{plot_path.stem}-transfer.png")
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                        trust_remote_code=args.trust_remote_code)  # fmt: skip
+    view = ModelView.from_model(loaded.model)
+    # Lenses load before the data is read, so a lens for another model fails at once.
+    directories = lens_names(args.lens)
+    check = "shapes" if args.allow_model_mismatch else "full"
+    trained = {name: TunedLens.load(directory, view, check=check) for name, directory in directories.items()}
+    data = prepare_tokens(
+        data_spec_from_args(args), loaded.tokenizer, train_tokens=0, heldout_tokens=args.tokens,
+        seq_len=args.seq_len, seed=args.seed, model=loaded.model,
+    )  # fmt: skip
+    batch_size = args.batch_size or max(1, BATCH_TOKENS // data.seq_len)
+    tokens = data.heldout
+
+    progress = _progress()
+    with progress:
+        task = progress.add_task("scoring lenses", total=len(tokens))
+        result = evaluate_lenses(
+            view, {"logit": LogitLens(view), **trained}, tokens, batch_size=batch_size,
+            bits_per_byte_factor=data.nats_to_bits_per_byte, progress=lambda n: progress.advance(task, n),
+        )  # fmt: skip
+        for name, lens in trained.items() if args.transfer else ():
+            task = progress.add_task(f"transfer matrix of {name}", total=len(tokens))
+            result.transfer[name] = transfer_matrix(
+                view, lens, tokens, batch_size=batch_size, progress=lambda n, task=task: progress.advance(task, n)
+            )
+
+    print_table(result, units=args.units)
+    plot_curves(result, plot_path, units=args.units)
+    if args.transfer:
+        plot_transfer(result, transfer_path, units=args.units)
+    record = result.to_json() | {
+        "data": data.source,
+        "seq_len": data.seq_len,
+        "lens_paths": {name: str(directory) for name, directory in directories.items()},
+    }
+    atomic_write_json(args.output, record)
+    written = [args.output, plot_path, *([transfer_path] if args.transfer else [])]
+    Console(stderr=True).print("Wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def lens_names(directories: list[Path]) -> dict[str, Path]:
+    """Name each lens directory: "tuned" when there is one, else its directory name, made unique with -2, -3...
+
+    The same directory given twice is evaluated once; "logit" is kept for the logit lens.
+    """
+    unique = list({directory.resolve(): directory for directory in directories}.values())
+    if len(unique) == 1:
+        return {"tuned": unique[0]}
+    names: dict[str, Path] = {}
+    for directory in unique:
+        base = directory.resolve().name or "lens"
+        name, suffix = base, 1
+        while name in names or name == "logit":
+            suffix += 1
+            name = f"{base}-{suffix}"
+        names[name] = directory
+    return names
+
+
+def print_table(result: EvalResult, *, units: str = "bits-per-byte", console: Console | None = None) -> None:
+    """Print a layers x lenses table of cross-entropy, KL to the model and top-1 agreement.
+
+    CE and KL are shown in `units` ("bits-per-byte" or "nats"); the caption gives the model's own CE in both.
+    """
+    factor = result.unit_factor(units)
+    unit = "bpb" if units == "bits-per-byte" else "nats"
+    table = Table(title=f"{result.model}: {result.tokens:,} held-out tokens", caption=_caption(result))
+    table.add_column("layer")
+    for name in result.lenses:
+        table.add_column(f"{name}\nCE ({unit})", justify="right")
+        table.add_column(f"{name}\nKL ({unit})", justify="right")
+        table.add_column(f"{name}\ntop-1", justify="right")
+    for position, layer in enumerate(result.layers):
+        cells = [layer]
+        for metrics in result.lenses.values():
+            cells += [
+                f"{metrics.ce[position] * factor:.3f}",
+                f"{metrics.kl[position] * factor:.3f}",
+                f"{metrics.top1_agreement[position]:.1%}",
+            ]
+        table.add_row(*cells)
+    (console or Console()).print(table)
+
+
+def _caption(result: EvalResult) -> str:
+    nats = f"model CE {result.final_ce:.3f} nats/token, entropy {result.final_entropy:.3f} nats/token"
+    if result.nats_to_bits_per_byte is None:
+        return nats
+    bits = result.final_ce * result.nats_to_bits_per_byte
+    return f"{nats}; CE {bits:.3f} bits/byte (1 nat/token = {result.nats_to_bits_per_byte:.3f} bits/byte)"
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=True,
+    )  # fmt: skip

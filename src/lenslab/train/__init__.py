@@ -1,0 +1,24 @@
+"""Training tuned lenses: `train_lens(view, tokens, TrainConfig(...))`.
+
+The package follows the pieces of a run, each readable alone:
+
+    config.py        TrainConfig: every setting, defaulting to the tuned lens paper's recipe
+    batches.py       which sequences each step reads, a function of (seed, step)
+    objective.py     KL(p_final || p_lens) summed over positions, back-propagated one position at a time
+    recipes.py       optimiser, learning-rate schedule and update (pluggable: RECIPES)
+    distributed.py   torchrun data parallelism: each process a share of every step, gradients averaged
+    checkpoints.py   what the output directory holds, resume and refusal to overwrite
+    loop.py          train_lens, tying them together
+
+>>> from lenslab import load_model, ModelView                         # doctest: +SKIP
+>>> from lenslab.data import DataSpec, prepare_tokens                  # doctest: +SKIP
+>>> model, tokenizer = load_model("gpt2")                              # doctest: +SKIP
+>>> data = prepare_tokens(DataSpec("corpus.txt"), tokenizer, train_tokens=2**22, heldout_tokens=2**16)  # doctest: +SKIP
+>>> result = train_lens(ModelView.from_model(model), data.train, TrainConfig(steps=16, tokens_per_step=2**18))  # doctest: +SKIP
+"""
+
+from lenslab.train.config import TrainConfig
+from lenslab.train.distributed import init_distributed, shutdown_distributed
+from lenslab.train.loop import StepRecord, TrainResult, train_lens
+
+__all__ = ["StepRecord", "TrainConfig", "TrainResult", "init_distributed", "shutdown_distributed", "train_lens"]

@@ -1,0 +1,194 @@
+"""What a training run keeps in its output directory, and what it finds there when it starts.
+
+    DIR/config.json, DIR/params.safetensors   the finished lens (`TunedLens.save`), written last
+    DIR/train_log.jsonl                        one JSON record per step (`StepRecord`)
+    DIR/checkpoint/state.pt                    lens, optimiser state, RNG, step and history of the last checkpoint
+
+Every file is written atomically (`lenslab.artifacts.atomic_write`), so a killed run leaves the previous good
+checkpoint whole. Which batches come next is a function of (seed, step), so the step is the whole data position.
+
+A run starting in a directory that holds a lens or a checkpoint of a *different* configuration (its
+fingerprint: the settings that decide the lens, the data and the model) refuses to touch it unless told to
+overwrite; one of the *same* configuration resumes from the checkpoint, or returns the finished lens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from lenslab.artifacts import CONFIG_FILE, FORMAT_NAME, atomic_write
+from lenslab.errors import LensLabError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+LOG_FILE = "train_log.jsonl"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """The state of a run after `step` completed steps."""
+
+    step: int
+    """Steps completed; the next step to run."""
+    fingerprint: dict[str, Any]
+    """The run's fingerprint (see `lenslab.train.loop.run_fingerprint`), JSON-normalised."""
+    lens: dict[str, torch.Tensor]
+    """The lens's state dict."""
+    optimizer: dict[str, Any]
+    """The optimiser's state dict (momentum buffers, Adam moments)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One `StepRecord` as a dict per completed step."""
+    elapsed: float = 0.0
+    """Seconds spent training so far."""
+    rng: dict[str, Any] = field(default_factory=dict)
+    """Torch's CPU and CUDA generator states (`capture_rng`)."""
+
+
+def normalise(data: Any) -> Any:
+    """`data` as it reads back from JSON (tuples become lists), so stored and fresh fingerprints compare equal."""
+    return json.loads(json.dumps(data))
+
+
+def capture_rng() -> dict[str, Any]:
+    """Torch's global generator states, CPU and (if in use) CUDA."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Put back the generator states of `capture_rng` (CUDA's only on the same number of devices)."""
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(output_dir: Path, checkpoint: Checkpoint) -> Path:
+    """Write the checkpoint atomically, replacing the previous one only once the new one is complete."""
+    path = output_dir / CHECKPOINT_DIR / STATE_FILE
+    state = {"version": CHECKPOINT_VERSION, **asdict(checkpoint)}
+    atomic_write(path, lambda temporary: torch.save(state, temporary))
+    return path
+
+
+def load_checkpoint(output_dir: Path) -> Checkpoint | None:
+    """The checkpoint in `output_dir`, or None when there is none."""
+    path = output_dir / CHECKPOINT_DIR / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        # Tensors, numbers, strings and containers only: weights_only refuses anything that would run code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise LensLabError(
+            f"The checkpoint {path} cannot be read ({str(error).splitlines()[0]}); pass --overwrite to start over."
+        ) from None
+    if state.pop("version", None) != CHECKPOINT_VERSION:
+        raise LensLabError(f"The checkpoint {path} has an unknown format; pass --overwrite to start over.")
+    return Checkpoint(**state)
+
+
+def remove_checkpoint(output_dir: Path) -> None:
+    """Delete the checkpoint directory (once the finished lens is safely written)."""
+    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the entries where two fingerprints differ, e.g. ["config.lr", "data.sha256"]."""
+    names = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def finished_lens_fingerprint(output_dir: Path) -> dict[str, Any] | None:
+    """The training fingerprint of the lens saved in `output_dir` ({} if it has none), None if there is no lens.
+
+    A `config.json` that is not a lenslab lens (a model directory, say) is never overwritten.
+    """
+    path = output_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise LensLabError(
+            f"{output_dir} holds a {CONFIG_FILE} that is not a lenslab lens, which training would overwrite; "
+            "pass another --output."
+        )
+    return raw.get("metadata", {}).get("training", {})
+
+
+class Start(NamedTuple):
+    """Where a run starts, given what its output directory holds."""
+
+    checkpoint: Checkpoint | None
+    """The checkpoint to resume from, or None to start at step 0."""
+    finished: bool
+    """The directory already holds the lens this run would train: nothing to do."""
+
+
+def plan_start(output_dir: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool) -> Start:
+    """Decide how to start in `output_dir`; raises rather than touch a different run's files unless `overwrite`."""
+    lens_fingerprint = finished_lens_fingerprint(output_dir)
+    checkpoint = load_checkpoint(output_dir)
+    if overwrite:
+        return Start(checkpoint=None, finished=False)
+    held = []
+    if lens_fingerprint is not None:
+        held.append(("a finished lens", lens_fingerprint))
+    if checkpoint is not None:
+        held.append((f"a checkpoint at step {checkpoint.step}", checkpoint.fingerprint))
+    for what, stored in held:
+        changed = differences(stored, normalise(fingerprint))
+        if changed:
+            raise LensLabError(
+                f"{output_dir} holds {what} of a run with a different configuration (differing in "
+                f"{', '.join(changed)}); pass --overwrite to replace it, or another --output."
+            )
+    if held and not resume:
+        raise LensLabError(
+            f"{output_dir} holds {held[0][0]} of this run and resuming is off; pass --overwrite to train from "
+            "scratch, or drop --no-resume."
+        )
+    if checkpoint is not None:
+        log.info("Resuming from the checkpoint at step %d in %s", checkpoint.step, output_dir)
+        return Start(checkpoint=checkpoint, finished=False)
+    return Start(checkpoint=None, finished=lens_fingerprint is not None)
+
+
+def write_log(output_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Replace the training log with `records` (a resumed run drops the steps after its checkpoint)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    atomic_write(output_dir / LOG_FILE, lambda temporary: temporary.write_text(text))
+
+
+def append_log(output_dir: Path, record: dict[str, Any]) -> None:
+    """Add one step's record to the training log."""
+    with open(output_dir / LOG_FILE, "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def read_log(output_dir: Path) -> list[dict[str, Any]]:
+    """The records of the training log, [] when there is none."""
+    path = output_dir / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,277 @@
+"""`train_lens`: fit a tuned lens to a frozen model on packed token sequences.
+
+One step reads `sequences_per_step` sequences (`lenslab.train.batches`), in micro-batches of
+`TrainConfig.micro_batch_size`. Each micro-batch is one forward of the model under `no_grad` that captures every
+residual and the final logits, then one backward per lens position (`lenslab.train.objective`). Gradients are
+averaged over processes (`lenslab.train.distributed`), checked to be finite, and handed to the recipe
+(`lenslab.train.recipes`) for the update. The output directory (`lenslab.train.checkpoints`) gets a log line per
+step, a checkpoint every `checkpoint_every` steps, and finally the lens.
+
+>>> result = train_lens(view, data.train, TrainConfig(steps=100), output_dir="lens/")  # doctest: +SKIP
+>>> result.history[-1].loss                                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lenslab.adapter import ModelView
+from lenslab.artifacts import unembed_fingerprint
+from lenslab.errors import LensLabError
+from lenslab.lenses import TunedLens
+from lenslab.train import checkpoints
+from lenslab.train.batches import sequences_per_step, step_indices
+from lenslab.train.config import TrainConfig
+from lenslab.train.distributed import Processes
+from lenslab.train.objective import backward_by_layer, final_target
+from lenslab.train.recipes import RECIPES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRecord:
+    """What one training step did; also one line of `train_log.jsonl`."""
+
+    step: int
+    """Steps completed, counting this one (1-based)."""
+    loss: float
+    """The objective: the sum over lens positions 0..L-1 of the mean KL(p_final || p_lens) per token, in nats."""
+    layer_losses: list[float]
+    """[L] mean KL per token at each lens position, in nats."""
+    lr: float
+    """Learning rate the optimiser used."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    tokens: int
+    """Tokens trained on so far, over all processes."""
+    tokens_per_second: float
+    """Tokens of this step (all processes) over its wall time."""
+    elapsed: float
+    """Seconds of training so far, across resumed runs."""
+
+
+@dataclass
+class TrainResult:
+    """A trained lens and how training went."""
+
+    lens: TunedLens
+    """The trained lens (on the model's device)."""
+    history: list[StepRecord]
+    """One record per step, from step 1 (those before a resume included)."""
+
+
+def run_fingerprint(view: ModelView, tokens: torch.Tensor, config: TrainConfig) -> dict[str, Any]:
+    """What decides the trained lens: the settings, the training data and the model (JSON-ready)."""
+    data = np.ascontiguousarray(tokens.cpu().numpy())
+    sample = unembed_fingerprint(view.unembedding_weight())["sample"]
+    return checkpoints.normalise(
+        {
+            "config": config.fingerprint(),
+            "data": {"shape": list(tokens.shape), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()},
+            "model": {
+                "name": view.model.config.name_or_path or type(view.model).__name__,
+                "dtype": str(view.dtype).removeprefix("torch."),
+                "unembed_sample": [round(value, 6) for value in sample],
+            },
+        }
+    )
+
+
+def train_lens(
+    view: ModelView,
+    tokens: torch.Tensor,
+    config: TrainConfig | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    lens: TunedLens | None = None,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> TrainResult:
+    """Train a tuned lens for `view`'s model on `tokens`: [n_sequences, seq_len] int64 (e.g. `TokenData.train`).
+
+    The model is put in eval mode and frozen. With `output_dir`, the run logs, checkpoints and saves the lens
+    there, resumes from a checkpoint of the same configuration when `resume`, returns a finished lens of the same
+    configuration as it is, and refuses a directory holding another configuration's files unless `overwrite`.
+    `lens` (default: a new, untrained `TunedLens`) is trained in place. Under `torchrun` (after
+    `init_distributed`) every process calls this with the same tokens and reads its share of each step.
+    `metadata` is saved with the lens; `on_step` is called with each step's record (after its checkpoint).
+    """
+    config = config or TrainConfig()
+    _check_tokens(view, tokens)
+    processes = Processes.current()
+    output_dir = Path(output_dir) if output_dir is not None else None
+    num_sequences, seq_len = tokens.shape
+    per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
+    fingerprint = run_fingerprint(view, tokens, config)
+    view.model.eval().requires_grad_(False)
+    lens = TunedLens.from_model(view) if lens is None else lens
+    params = [param for param in lens.parameters() if param.requires_grad]
+    recipe = RECIPES[config.recipe](config)
+    optimizer = recipe.build_optimizer(params)
+
+    history: list[StepRecord] = []
+    elapsed, first_step, checkpoint_step = 0.0, 0, None
+    if output_dir is not None:
+        start = checkpoints.plan_start(output_dir, fingerprint, resume=resume, overwrite=overwrite)
+        if start.finished:
+            log.info("%s already holds the lens this run would train; loading it", output_dir)
+            return TrainResult(
+                TunedLens.load(output_dir, view), [StepRecord(**r) for r in checkpoints.read_log(output_dir)]
+            )
+        if start.checkpoint is not None:
+            lens.load_state_dict(start.checkpoint.lens)
+            optimizer.load_state_dict(start.checkpoint.optimizer)
+            checkpoints.restore_rng(start.checkpoint.rng)
+            history = [StepRecord(**record) for record in start.checkpoint.history]
+            elapsed, first_step = start.checkpoint.elapsed, start.checkpoint.step
+            checkpoint_step = first_step
+        if processes.is_main:
+            checkpoints.write_log(output_dir, [asdict(record) for record in history])
+    _log_plan(config, per_step, seq_len, num_sequences, processes)
+
+    use_bf16 = config.mixed_precision and view.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    micro_batch = config.micro_batch_size(seq_len)
+    step_tokens = per_step * seq_len  # over all processes
+    bar = tqdm(
+        total=config.steps, initial=first_step, desc="Training lens", unit="step",
+        disable=not (progress and processes.is_main), dynamic_ncols=True,
+    )  # fmt: skip
+    for step in range(first_step, config.steps):
+        started = time.perf_counter()
+        indices = step_indices(step, per_step, num_sequences, config.seed)[processes.rank :: processes.world_size]
+        local_tokens = len(indices) * seq_len
+        layer_sums = torch.zeros(view.num_layers, device=view.device)
+        for batch in indices.split(micro_batch):
+            with torch.no_grad():
+                residuals = view.capture(tokens[batch].to(view.device))
+            target = final_target(residuals.logits)
+            del residuals.hidden[-1]  # the last position has no translator; free it early
+            # Scaling each backward by 1 / tokens makes the accumulated gradient that of the mean over the step.
+            layer_sums += backward_by_layer(lens, residuals.hidden, target, 1.0 / local_tokens, autocast)
+            del residuals, target
+        layer_losses = layer_sums / local_tokens  # [L] mean KL per token on this process
+        grads = [param.grad for param in params if param.grad is not None]
+        processes.average([layer_losses, *grads])
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if not (torch.isfinite(layer_losses).all() and torch.isfinite(grad_norm)):
+            raise LensLabError(_divergence_message(step, layer_losses, grad_norm, output_dir, checkpoint_step, config))
+        lr = recipe.update(optimizer, params, step, grad_norm)
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - started
+        elapsed += seconds
+        record = StepRecord(
+            step=step + 1, loss=layer_losses.sum().item(), layer_losses=layer_losses.tolist(), lr=lr,
+            grad_norm=grad_norm.item(), tokens=(step + 1) * step_tokens, tokens_per_second=step_tokens / seconds,
+            elapsed=elapsed,
+        )  # fmt: skip
+        history.append(record)
+        if output_dir is not None and processes.is_main:
+            checkpoints.append_log(output_dir, asdict(record))
+            if config.checkpoint_every and record.step % config.checkpoint_every == 0 and record.step < config.steps:
+                checkpoints.save_checkpoint(
+                    output_dir,
+                    checkpoints.Checkpoint(
+                        step=record.step, fingerprint=fingerprint, lens=lens.state_dict(),
+                        optimizer=optimizer.state_dict(), history=[asdict(r) for r in history], elapsed=elapsed,
+                        rng=checkpoints.capture_rng(),
+                    ),
+                )  # fmt: skip
+                checkpoint_step = record.step
+        bar.set_postfix(loss=f"{record.loss:.4g}", tok_s=f"{record.tokens_per_second:,.0f}", refresh=False)
+        bar.update()
+        if on_step is not None:
+            on_step(record)
+    bar.close()
+
+    lens.metadata = {
+        **(metadata or {}),
+        "training": fingerprint,
+        "steps_done": config.steps,
+        "tokens_seen": config.steps * step_tokens,
+        "final_loss": history[-1].loss if history else None,
+        "processes": processes.world_size,
+    }
+    if output_dir is not None and processes.is_main:
+        lens.save(output_dir, **lens.metadata)
+        checkpoints.remove_checkpoint(output_dir)
+        log.info("Saved the tuned lens to %s", output_dir)
+    processes.barrier()
+    return TrainResult(lens=lens, history=history)
+
+
+def _check_tokens(view: ModelView, tokens: torch.Tensor) -> None:
+    """Refuse token tensors the model cannot read."""
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32) or tokens.shape[0] == 0:
+        raise LensLabError(
+            f"Training tokens must be a non-empty [n_sequences, seq_len] integer tensor, got {tokens.dtype} of shape "
+            f"{list(tokens.shape)}; pass TokenData.train from lenslab.data.prepare_tokens."
+        )
+    vocab = view.model.get_input_embeddings().num_embeddings
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise LensLabError(
+            f"Training tokens range over {tokens.min().item()}..{tokens.max().item()} but the model reads ids "
+            f"0..{vocab - 1}; tokenize the data with this model's tokenizer."
+        )
+
+
+def _log_plan(config: TrainConfig, per_step: int, seq_len: int, num_sequences: int, processes: Processes) -> None:
+    """Say how the token budget maps onto sequences, and warn when sequences will be read more than once."""
+    if per_step * seq_len != config.tokens_per_step:
+        log.info(
+            "Using %d sequences of %d tokens (%d tokens) per step for --tokens-per-step %d",
+            per_step, seq_len, per_step * seq_len, config.tokens_per_step,
+        )  # fmt: skip
+    needed = config.steps * per_step
+    if needed > num_sequences:
+        log.warning(
+            "The data holds %d sequences but %d steps read %d, so each is read about %.1f times; pass more "
+            "--train-tokens to see each once.", num_sequences, config.steps, needed, needed / num_sequences,
+        )  # fmt: skip
+    log.info(
+        "Training %d steps of %d sequences in micro-batches of %d on %d process(es)",
+        config.steps, per_step, config.micro_batch_size(seq_len), processes.world_size,
+    )  # fmt: skip
+
+
+def _divergence_message(
+    step: int,
+    layer_losses: torch.Tensor,
+    grad_norm: torch.Tensor,
+    output_dir: Path | None,
+    checkpoint_step: int | None,
+    config: TrainConfig,
+) -> str:
+    """One sentence on where training diverged, what was kept and what to try."""
+    bad = (~torch.isfinite(layer_losses)).nonzero().flatten().tolist()
+    what = f"the loss at lens position {bad[0]} was {layer_losses[bad[0]].item()}" if bad else (
+        f"the gradient norm was {grad_norm.item()}"
+    )
+    if output_dir is None:
+        kept = "the lens is left as it was after the last good step"
+    elif checkpoint_step is not None:
+        kept = f"the last good checkpoint (step {checkpoint_step}) is kept in {output_dir / checkpoints.CHECKPOINT_DIR}"
+    else:
+        kept = "no checkpoint had been written yet"
+    return (
+        f"Training diverged at step {step + 1} ({what}, which is not finite) and stopped before updating the lens; "
+        f"{kept}; pass a lower --lr (currently {config.effective_lr:g}) or --dtype float32, with --overwrite, to "
+        "train again."
+    )
+

@@ -1,0 +1,69 @@
+"""The training objective and its memory-lean backward.
+
+Loss = sum over lens positions l = 0..L-1 of the mean over tokens of KL(p_final || p_lens,l), where p_final is
+the model's own next-token distribution (the last position, where every lens is the model itself, adds nothing).
+Like tuned-lens, every position's KL is a mean over tokens and the positions are summed, not averaged.
+
+Each position's [batch, seq, vocab] logits are the largest tensors in training, so the gradient is taken one
+position at a time: lens logits -> KL -> backward, then the next position. Gradients add up in `.grad`, which
+gives the gradient of the summed loss while only one position's logits are ever alive.
+
+KL(p || q) is computed as the soft-target cross-entropy H(p, q) minus the entropy H(p): PyTorch fuses the
+cross-entropy with its log-softmax, and H(p) is computed once per batch instead of once per position.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lenslab.lenses import Lens
+
+
+class Target(NamedTuple):
+    """The distribution every lens position is trained to match."""
+
+    probs: Tensor
+    """[batch, seq, vocab] float32 p_final, detached."""
+    entropy: Tensor
+    """Scalar: H(p_final) in nats, summed over the batch's tokens."""
+
+
+def final_target(logits: Tensor) -> Target:
+    """The model's next-token distribution from its logits: [batch, seq, vocab] (any float dtype)."""
+    log_probs = logits.detach().float().log_softmax(dim=-1)
+    probs = log_probs.exp()
+    # entr(p) = -p log p with entr(0) = 0, so tokens the model rules out entirely contribute nothing.
+    return Target(probs=probs, entropy=torch.special.entr(probs).sum())
+
+
+def layer_kl_sum(lens: Lens, h: Tensor, layer: int, target: Target) -> Tensor:
+    """Sum over tokens of KL(p_final || p_lens) at lens position `layer`, in nats; differentiable in the lens.
+
+    h: [batch, seq, d_model] residual at that position.
+    """
+    logits = lens(h, layer).float()  # [batch, seq, vocab]
+    cross_entropy = F.cross_entropy(logits.flatten(0, -2), target.probs.flatten(0, -2), reduction="sum")
+    return cross_entropy - target.entropy
+
+
+def backward_by_layer(
+    lens: Lens, hidden: list[Tensor], target: Target, scale: float, autocast: AbstractContextManager
+) -> Tensor:
+    """Add the gradient of `scale` * (summed KL at every position 0..L-1) to the lens's `.grad`s, one position at
+    a time; returns the per-position KL sums (nats, summed over tokens), detached: [L].
+
+    hidden: the captured residuals (`Residuals.hidden`), each [batch, seq, d_model]; `autocast` wraps each
+    position's forward (a bf16 autocast on GPU, `contextlib.nullcontext()` otherwise).
+    """
+    sums = []
+    for layer in range(lens.view.num_layers):
+        with autocast:
+            kl = layer_kl_sum(lens, hidden[layer], layer, target)
+        (kl * scale).backward()
+        sums.append(kl.detach())
+    return torch.stack(sums)

@@ -1,0 +1,469 @@
+"""Prediction trajectories: what every lens position predicts at every token, kept as statistics only.
+
+For each lens position p (0 = embeddings, l = after l layers, L = the last layer's output, where every
+lens is the model itself) and each token position t of a prompt, a `Trajectory` holds the top-k next
+tokens with their probabilities, the entropy, the KL divergence from the model's final distribution,
+the rank and probability of the token that actually comes next, and optionally the log-probability of
+user-given target tokens minus that of anti-target tokens. All in nats.
+
+Memory stays O(positions × tokens × (k + d_model)): the residuals are captured once, and log-probabilities
+over the vocabulary exist only for one chunk of tokens at a time (the final distribution of that chunk
+plus one lens position's), never as a [positions, tokens, vocab] tensor.
+
+>>> from transformers import AutoModelForCausalLM, GPT2Config
+>>> from lenslab.lenses import LogitLens
+>>> config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2)
+>>> model = AutoModelForCausalLM.from_config(config)
+>>> trajectory = Trajectory.from_ids(model, LogitLens.from_model(model), [5, 6, 7], config=TrajectoryConfig(top_k=3))
+>>> tuple(trajectory.top_k_ids.shape), trajectory.layers
+((3, 3, 3), ['embeddings', 'layer 1', 'layer 2'])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lenslab.adapter import ModelView
+from lenslab.errors import LensLabError
+from lenslab.evaluate import layer_names
+from lenslab.lenses import Lens
+from lenslab.tokens import token_texts
+
+logger = logging.getLogger(__name__)
+
+JSON_FORMAT = "lenslab-trajectory"
+JSON_FORMAT_VERSION = 1
+
+
+@dataclass
+class TrajectoryConfig:
+    """What to compute for a trajectory."""
+
+    top_k: int = 5
+    """Number of most likely tokens kept per lens position and token."""
+    positions: slice | None = None
+    """Token positions of the prompt to compute (CLI ``--positions START:END``); None means all. Tokens after
+    the end are not fed to the model, so a prompt longer than the model's context can still be shown."""
+    targets: tuple[int, ...] = ()
+    """Token ids whose summed probability is tracked as ``target_logprob`` (CLI ``--target``)."""
+    anti_targets: tuple[int, ...] = ()
+    """Token ids whose summed probability is subtracted in log space in ``target_score`` (CLI ``--anti-target``)."""
+    chunk_elements: int = 2**22
+    """Largest [tokens, vocab] block of log-probabilities alive at once (float32: 16 MiB by default)."""
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise LensLabError(f"top_k is {self.top_k} but at least 1 token must be kept; pass --top-k 1 or more.")
+        if self.anti_targets and not self.targets:
+            raise LensLabError("Anti-targets were given without targets; pass --target too (or drop --anti-target).")
+        if self.positions is not None and self.positions.step not in (None, 1):
+            raise LensLabError(f"positions has step {self.positions.step} but only contiguous ranges are shown; "
+                               "pass --positions START:END.")
+
+
+class Statistic(NamedTuple):
+    """How one per-cell statistic is coloured; renderers (html, png, terminal) share this table."""
+
+    label: str
+    """Colour-bar title."""
+    colormap: str
+    """Colour map name understood by both matplotlib and plotly; bright means confident or close to final."""
+    log_scale: bool = False
+    """Colour by log10 of the value (ranks span 1 .. vocab)."""
+    diverging: bool = False
+    """Centre the colour range at 0 (target scores)."""
+
+
+STATISTICS: dict[str, Statistic] = {
+    "entropy": Statistic("entropy (nats)", "viridis_r"),
+    "prob": Statistic("probability of the next token", "viridis"),
+    "rank": Statistic("rank of the next token", "viridis_r", log_scale=True),
+    "kl": Statistic("KL(final ‖ lens) (nats)", "viridis_r"),
+    "target": Statistic("log p(target) − log p(anti-target)", "RdBu", diverging=True),
+}
+"""Names accepted by ``Trajectory.statistic`` and ``--stat``."""
+
+
+@dataclass
+class Trajectory:
+    """Statistics of one lens at every lens position × token position of a prompt.
+
+    P = number of lens positions (L + 1, the last being the model's output), N = number of tokens shown,
+    k = ``top_k``. Tensors live on the CPU; none has a vocabulary dimension.
+    """
+
+    model_name: str
+    """Name or path of the model."""
+    lens_name: str
+    """Kind of lens: "logit", "tuned", ..."""
+    layers: list[str]
+    """Names of the lens positions (``lenslab.evaluate.layer_names``): "embeddings", "layer 1", ..., "layer L"."""
+    input_ids: Tensor
+    """[N] int64, the prompt tokens shown (the prompt's tokens ``start:start + N``)."""
+    next_ids: Tensor
+    """[N] int64, the token that follows each shown token in the prompt; -1 after the prompt's last token."""
+    top_k_ids: Tensor
+    """[P, N, k] int64, most likely next tokens, most likely first."""
+    top_k_probs: Tensor
+    """[P, N, k] float32, their probabilities."""
+    entropy: Tensor
+    """[P, N] float32, entropy of the predicted distribution (nats)."""
+    kl_to_final: Tensor
+    """[P, N] float32, KL(final ‖ lens) = Σ p_final (log p_final − log p_lens) (nats); 0 at the output."""
+    next_token_rank: Tensor
+    """[P, N] int64, rank of the actual next token, 1 = most likely; -1 where there is no next token."""
+    next_token_prob: Tensor
+    """[P, N] float32, probability of the actual next token; NaN where there is no next token."""
+    token_text: dict[int, str]
+    """Decoded text of every token id referenced above (``lenslab.tokens.token_text``)."""
+    start: int = 0
+    """Index in the prompt of the first token shown."""
+    target_ids: tuple[int, ...] = ()
+    """Target token ids (see ``TrajectoryConfig.targets``)."""
+    anti_target_ids: tuple[int, ...] = ()
+    """Anti-target token ids."""
+    target_logprob: Tensor | None = None
+    """[P, N] float32, log of the summed probability of the targets; None without targets."""
+    anti_target_logprob: Tensor | None = None
+    """[P, N] float32, log of the summed probability of the anti-targets; None without anti-targets."""
+    target_rank: Tensor | None = None
+    """[P, N] int64, rank of the best-ranked target, 1 = most likely; None without targets."""
+
+    @classmethod
+    def from_ids(
+        cls,
+        model: PreTrainedModel | ModelView,
+        lens: Lens,
+        input_ids: Sequence[int] | Tensor,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        config: TrajectoryConfig | None = None,
+    ) -> Trajectory:
+        """The trajectory of ``lens`` over ``input_ids`` ([tokens] or [1, tokens]); the tokenizer names tokens."""
+        return compute_trajectories(model, [lens], input_ids, tokenizer=tokenizer, config=config)[0]
+
+    @classmethod
+    def from_text(
+        cls,
+        model: PreTrainedModel | ModelView,
+        tokenizer: PreTrainedTokenizerBase,
+        lens: Lens,
+        text: str,
+        *,
+        config: TrajectoryConfig | None = None,
+    ) -> Trajectory:
+        """The trajectory of ``lens`` over ``text`` as the tokenizer encodes it (special tokens included)."""
+        return cls.from_ids(model, lens, encode_prompt(tokenizer, text), tokenizer=tokenizer, config=config)
+
+    @property
+    def num_positions(self) -> int:
+        """P, the number of lens positions (rows)."""
+        return self.top_k_ids.shape[0]
+
+    @property
+    def row_labels(self) -> list[str]:
+        """``layers`` for pictures, the last marked as the model's output."""
+        return [*self.layers[:-1], f"{self.layers[-1]} (output)"]
+
+    @property
+    def tokens(self) -> list[str]:
+        """Text of each shown input token."""
+        return [self.token_text[i] for i in self.input_ids.tolist()]
+
+    @property
+    def next_tokens(self) -> list[str | None]:
+        """Text of the token that follows each shown token, None after the prompt's end."""
+        return [self.token_text[i] if i >= 0 else None for i in self.next_ids.tolist()]
+
+    @property
+    def target_score(self) -> Tensor | None:
+        """[P, N] log p(targets) − log p(anti-targets) (just log p(targets) without anti-targets); None without targets."""
+        if self.target_logprob is None:
+            return None
+        if self.anti_target_logprob is None:
+            return self.target_logprob
+        return self.target_logprob - self.anti_target_logprob
+
+    def statistic(self, name: str) -> np.ndarray:
+        """[P, N] float64 values of a statistic in ``STATISTICS``; NaN where undefined."""
+        if name not in STATISTICS:
+            raise LensLabError(f"Unknown statistic {name!r}; pass --stat one of {', '.join(STATISTICS)}.")
+        if name == "target" and self.target_logprob is None:
+            raise LensLabError("The target statistic needs target tokens; pass --target TOKEN (and --anti-target).")
+        values = {
+            "entropy": lambda: self.entropy,
+            "prob": lambda: self.next_token_prob,
+            "rank": lambda: self.next_token_rank.double().masked_fill(self.next_token_rank < 0, math.nan),
+            "kl": lambda: self.kl_to_final,
+            "target": lambda: self.target_score,
+        }[name]()
+        return values.double().numpy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; rows in lens-position order (last = the model's output), nats, null = undefined."""
+        rows = self.top_k_ids.tolist()
+        probabilities = self.top_k_probs.tolist()
+        document: dict[str, Any] = {
+            "format": JSON_FORMAT,
+            "format_version": JSON_FORMAT_VERSION,
+            "model": self.model_name,
+            "lens": self.lens_name,
+            "start": self.start,
+            "tokens": self.tokens,
+            "token_ids": self.input_ids.tolist(),
+            "next_tokens": self.next_tokens,
+            "layers": self.layers,
+            "top_k": [
+                [
+                    [{"token": self.token_text[i], "id": i, "prob": p} for i, p in zip(ids, probs)]
+                    for ids, probs in zip(layer_ids, layer_probs)
+                ]
+                for layer_ids, layer_probs in zip(rows, probabilities)
+            ],
+            "entropy": _json_rows(self.entropy),
+            "kl_to_final": _json_rows(self.kl_to_final),
+            "next_token_rank": _json_rows(self.next_token_rank),
+            "next_token_prob": _json_rows(self.next_token_prob),
+        }
+        if self.target_logprob is not None:
+            document["targets"] = [self.token_text[i] for i in self.target_ids]
+            document["anti_targets"] = [self.token_text[i] for i in self.anti_target_ids]
+            document["target_logprob"] = _json_rows(self.target_logprob)
+            document["target_rank"] = _json_rows(self.target_rank)
+            document["target_score"] = _json_rows(self.target_score)
+        if self.anti_target_logprob is not None:
+            document["anti_target_logprob"] = _json_rows(self.anti_target_logprob)
+        return document
+
+
+def trajectories_to_dict(trajectories: Sequence[Trajectory]) -> dict[str, Any]:
+    """One trajectory's ``to_dict()``; several as ``{"lenses": {lens_name: to_dict(), ...}}`` in the given order."""
+    if len(trajectories) == 1:
+        return trajectories[0].to_dict()
+    return {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION,
+            "lenses": {t.lens_name: t.to_dict() for t in trajectories}}
+
+
+def value_range(trajectories: Sequence[Trajectory], name: str) -> tuple[float, float]:
+    """One colour range for ``name`` across ``trajectories``, so several lenses share a scale."""
+    values = np.concatenate([t.statistic(name).ravel() for t in trajectories])
+    values = values[np.isfinite(values)]
+    if name == "prob":
+        return 0.0, 1.0
+    if name == "rank":
+        return 1.0, float(max(values.max(initial=1.0), 10.0))
+    if STATISTICS[name].diverging:
+        bound = float(np.abs(values).max(initial=0.0)) or 1.0
+        return -bound, bound
+    return 0.0, float(values.max(initial=0.0)) or 1.0
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Tensor:
+    """[tokens] int64 ids of ``text`` with the tokenizer's usual special tokens; an empty prompt is an error."""
+    ids = tokenizer(text)["input_ids"] if text else []
+    if not text or not ids:
+        raise LensLabError("The prompt is empty; pass some text as the PROMPT argument or with --prompt-file.")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The most tokens the model reads at once, from its config; None when the config does not say."""
+    config = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@torch.inference_mode()
+def compute_trajectories(
+    model: PreTrainedModel | ModelView,
+    lenses: Sequence[Lens],
+    input_ids: Sequence[int] | Tensor,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    config: TrajectoryConfig | None = None,
+) -> list[Trajectory]:
+    """Trajectories of several lenses over one prompt from one forward pass.
+
+    input_ids: [tokens] or [1, tokens]. Token chunks are the outer loop and lens positions the inner one,
+    so only [chunk, vocab] log-probabilities (final and current) are alive at any time.
+    """
+    config = config or TrajectoryConfig()
+    ids = _check_ids(input_ids)
+    _check_lenses(model.model if isinstance(model, ModelView) else model, lenses)
+    view = lenses[0].view
+    vocab = view.vocab_size
+    for name, chosen in (("--target", config.targets), ("--anti-target", config.anti_targets)):
+        if any(not 0 <= i < vocab for i in chosen):
+            raise LensLabError(f"{name} ids {list(chosen)} are outside the vocabulary 0..{vocab - 1}; pass tokens of this model.")
+    top_k = min(config.top_k, vocab)
+    start, end = _token_range(view.model, len(ids), config.positions)
+
+    residuals = view.capture(ids[None, :end].to(view.device), need_logits=False)
+    hidden = [h[0, start:end] for h in residuals.hidden]  # each [N, d_model]
+    next_ids = torch.cat([ids, ids.new_tensor([-1])])[start + 1 : end + 1]  # [N]
+    n_tokens, n_positions = end - start, view.num_positions
+    chunk = max(1, config.chunk_elements // vocab)
+    logger.debug("trajectory: %d positions x %d tokens, chunks of %d tokens", n_positions, n_tokens, chunk)
+
+    results = [_Buffers.empty(n_positions, n_tokens, top_k, config) for _ in lenses]
+    for chunk_start in range(0, n_tokens, chunk):
+        columns = slice(chunk_start, min(chunk_start + chunk, n_tokens))
+        final_logprobs = torch.log_softmax(view.decode(hidden[-1][columns]).float(), dim=-1)  # [c, vocab]
+        final_probs = final_logprobs.exp()
+        chunk_next = next_ids[columns].to(final_logprobs.device)
+        for lens, buffers in zip(lenses, results):
+            for position in range(n_positions):
+                logprobs = torch.log_softmax(lens(hidden[position][columns], position).float(), dim=-1)
+                buffers.fill(position, columns, logprobs, final_logprobs, final_probs, chunk_next, config)
+                del logprobs
+
+    referenced = {*ids[start:end].tolist(), *next_ids[next_ids >= 0].tolist(), *config.targets, *config.anti_targets}
+    for buffers in results:
+        referenced.update(buffers.top_k_ids.unique().tolist())
+    texts = token_texts(tokenizer, referenced)
+    model_name = view.model.config.name_or_path or type(view.model).__name__
+    return [
+        buffers.trajectory(model_name, lens.kind, layer_names(view), ids[start:end].clone(), next_ids.clone(), texts, start, config)
+        for lens, buffers in zip(lenses, results)
+    ]
+
+
+@dataclass
+class _Buffers:
+    """Per-lens output tensors filled chunk by chunk ([P, N, ...] on the CPU)."""
+
+    top_k_ids: Tensor
+    top_k_probs: Tensor
+    entropy: Tensor
+    kl_to_final: Tensor
+    next_token_rank: Tensor
+    next_token_prob: Tensor
+    target_logprob: Tensor | None
+    anti_target_logprob: Tensor | None
+    target_rank: Tensor | None
+
+    @classmethod
+    def empty(cls, n_positions: int, n_tokens: int, top_k: int, config: TrajectoryConfig) -> _Buffers:
+        def grid(dtype=torch.float32) -> Tensor:
+            return torch.zeros(n_positions, n_tokens, dtype=dtype)
+
+        return cls(
+            top_k_ids=torch.zeros(n_positions, n_tokens, top_k, dtype=torch.long),
+            top_k_probs=torch.zeros(n_positions, n_tokens, top_k),
+            entropy=grid(),
+            kl_to_final=grid(),
+            next_token_rank=grid(torch.long),
+            next_token_prob=grid(),
+            target_logprob=grid() if config.targets else None,
+            anti_target_logprob=grid() if config.anti_targets else None,
+            target_rank=grid(torch.long) if config.targets else None,
+        )
+
+    def fill(
+        self,
+        position: int,
+        columns: slice,
+        logprobs: Tensor,
+        final_logprobs: Tensor,
+        final_probs: Tensor,
+        next_ids: Tensor,
+        config: TrajectoryConfig,
+    ) -> None:
+        """Store the statistics of one chunk at one lens position. logprobs, final_*: [c, vocab]; next_ids: [c]."""
+        cell = (position, columns)
+        top = logprobs.topk(self.top_k_ids.shape[-1], dim=-1)
+        self.top_k_ids[cell] = top.indices.cpu()
+        self.top_k_probs[cell] = top.values.exp().cpu()
+        self.entropy[cell] = -(logprobs.exp() * logprobs).sum(-1).cpu()
+        self.kl_to_final[cell] = (final_probs * (final_logprobs - logprobs)).sum(-1).cpu()
+        has_next = next_ids >= 0
+        next_logprob = logprobs.gather(-1, next_ids.clamp_min(0)[:, None])  # [c, 1]
+        self.next_token_rank[cell] = _rank(logprobs, next_logprob).masked_fill(~has_next, -1).cpu()
+        self.next_token_prob[cell] = next_logprob[:, 0].exp().masked_fill(~has_next, math.nan).cpu()
+        if config.targets:
+            target_logprobs = logprobs[:, list(config.targets)]  # [c, n_targets]
+            self.target_logprob[cell] = target_logprobs.logsumexp(-1).cpu()
+            self.target_rank[cell] = _rank(logprobs, target_logprobs.max(-1, keepdim=True).values).cpu()
+        if config.anti_targets:
+            self.anti_target_logprob[cell] = logprobs[:, list(config.anti_targets)].logsumexp(-1).cpu()
+
+    def trajectory(self, model_name, lens_name, layers, input_ids, next_ids, texts, start, config) -> Trajectory:
+        return Trajectory(
+            model_name=model_name,
+            lens_name=lens_name,
+            layers=layers,
+            input_ids=input_ids,
+            next_ids=next_ids,
+            token_text=texts,
+            start=start,
+            target_ids=tuple(config.targets),
+            anti_target_ids=tuple(config.anti_targets),
+            **vars(self),
+        )
+
+
+def _rank(logprobs: Tensor, chosen: Tensor) -> Tensor:
+    """[c] 1-based rank of ``chosen`` ([c, 1] log-probs) among ``logprobs`` ([c, vocab]); ties share the best rank."""
+    return (logprobs > chosen).sum(-1) + 1
+
+
+def _json_rows(values: Tensor) -> list[list[float | int | None]]:
+    """[P, N] -> nested lists, with NaN and negative ranks (undefined) as null."""
+    rows = values.tolist()
+    if values.dtype.is_floating_point:
+        return [[None if math.isnan(v) else v for v in row] for row in rows]
+    return [[None if v < 0 else v for v in row] for row in rows]
+
+
+def _check_ids(input_ids: Sequence[int] | Tensor) -> Tensor:
+    """[tokens] int64 on the CPU from [tokens] or [1, tokens]."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise LensLabError(f"input_ids has shape {list(ids.shape)} but one prompt, [tokens] or [1, tokens], was expected; "
+                           "pass one prompt at a time.")
+    if ids.numel() == 0:
+        raise LensLabError("The prompt is empty; pass some text as the PROMPT argument or with --prompt-file.")
+    return ids
+
+
+def _check_lenses(model: PreTrainedModel, lenses: Sequence[Lens]) -> None:
+    """Every lens must decode with this very model (a lens keeps its own ModelView)."""
+    if not lenses:
+        raise LensLabError("No lens was given; pass at least one lens (e.g. LogitLens.from_model(model)).")
+    for lens in lenses:
+        if lens.view.model is not model:
+            raise LensLabError(
+                f"The {lens.kind} lens was built for another model ({lens.view.model.config.name_or_path or '?'}) "
+                f"than the one given ({model.config.name_or_path or '?'}); build or load the lens with this model."
+            )
+
+
+def _token_range(model: PreTrainedModel, n_tokens: int, positions: slice | None) -> tuple[int, int]:
+    """[start, end) of the tokens to show, checked against the prompt and the model's context."""
+    start, end, _ = (positions or slice(None)).indices(n_tokens)
+    if positions is not None and end <= start:
+        raise LensLabError(
+            f"--positions {positions.start}:{positions.stop} selects no tokens of the {n_tokens}-token prompt; "
+            f"pass START:END with 0 <= START < END <= {n_tokens}."
+        )
+    limit = context_length(model)
+    if limit is not None and end > limit:
+        raise LensLabError(
+            f"The prompt has {n_tokens} tokens but {model.config.name_or_path or type(model).__name__} reads at most "
+            f"{limit}; shorten the prompt or pass --positions START:END with END <= {limit}."
+        )
+    return start, end

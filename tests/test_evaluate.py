@@ -1,0 +1,191 @@
+"""Lens evaluation (`lenslab.evaluate`) and `lenslab eval`: streamed metrics against a plain all-at-once reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+from lenslab import evaluate
+from lenslab.adapter import ModelView
+from lenslab.errors import LensLabError
+from lenslab.evaluate import EvalResult, evaluate_lenses, layer_names, transfer_matrix
+from lenslab.lenses import LogitLens, TunedLens
+from lenslab.plots import plot_curves, plot_transfer
+
+METRICS = ("ce", "perplexity", "kl", "entropy", "top1_agreement", "bias_kl")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def sharp_view(family: str, seed: int = 0) -> ModelView:
+    """A tiny random model whose unembedding is scaled up, so its predictions are far from uniform and lens
+    positions differ clearly (a fresh random model predicts nearly uniformly everywhere)."""
+    model = tiny_model(family, seed)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(6.0)
+    return ModelView.from_model(model)
+
+
+def random_tuned_lens(view: ModelView, seed: int = 0) -> TunedLens:
+    """A tuned lens with random translators, unlike the logit lens at every position but the last."""
+    lens = TunedLens.from_model(view)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for translator in lens.translators:
+            translator.weight.copy_(0.2 * torch.randn(translator.weight.shape, generator=generator))
+            translator.bias.copy_(0.5 * torch.randn(translator.bias.shape, generator=generator))
+    return lens
+
+
+def random_tokens(n: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def reference_metrics(view: ModelView, lenses: dict, tokens: torch.Tensor) -> dict:
+    """Every metric from one full softmax over all positions, all tokens and all lenses at once, in float64.
+
+    The model's prediction is its own output logits (not a decode of the last residual).
+    """
+    residuals = view.capture(tokens)
+    final = residuals.logits[:, :-1].double().log_softmax(-1)  # [n, seq - 1, vocab]
+    targets = tokens[:, 1:]
+    final_marginal = final.exp().mean((0, 1))  # [vocab]
+
+    def kl(log_p, log_q):
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+    result = {"final_ce": -final.gather(-1, targets[..., None]).mean().item()}
+    result["final_entropy"] = -(final.exp() * final).sum(-1).mean().item()
+    for name, lens in lenses.items():
+        # [positions, n, seq - 1, vocab]
+        logp = torch.stack([lens(h, p) for p, h in enumerate(residuals.hidden)])[:, :, :-1].double().log_softmax(-1)
+        ce = -logp.gather(-1, targets[None, ..., None].expand(len(logp), -1, -1, 1)).mean((1, 2, 3))
+        marginal = logp.exp().mean((1, 2))  # [positions, vocab]
+        result[name] = {
+            "ce": ce,
+            "perplexity": ce.exp(),
+            "kl": kl(final[None], logp).mean((1, 2)),
+            "entropy": -(logp.exp() * logp).sum(-1).mean((1, 2)),
+            "top1_agreement": (logp.argmax(-1) == final.argmax(-1)[None]).double().mean((1, 2)),
+            "bias_kl": kl(final_marginal.log()[None], marginal.log()),
+        }
+    return result
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt-350m", "gemma2"])  # LayerNorm; no final norm + project_out; softcap
+def test_streamed_metrics_match_full_reference(family, monkeypatch):
+    view = sharp_view(family)
+    lenses = {"logit": LogitLens(view), "tuned": random_tuned_lens(view)}
+    tokens = random_tokens(5, 12)
+    # Batches of 2 (the last one short) and row slices of 7 tokens, so sums cross batch and slice boundaries.
+    monkeypatch.setattr(evaluate, "_ELEMENTS_PER_STEP", 7 * view.vocab_size)
+    result = evaluate_lenses(view, lenses, tokens, batch_size=2, bits_per_byte_factor=0.4)
+    expected = reference_metrics(view, lenses, tokens)
+
+    assert result.tokens == 5 * 11
+    assert result.final_ce == pytest.approx(expected["final_ce"], rel=1e-5)
+    assert result.final_entropy == pytest.approx(expected["final_entropy"], rel=1e-5)
+    for name in lenses:
+        for metric in METRICS:
+            got = torch.tensor(getattr(result.lenses[name], metric), dtype=torch.float64)
+            torch.testing.assert_close(got, expected[name][metric], rtol=1e-4, atol=1e-6, msg=f"{name} {metric}")
+    # The lenses really differ before the last position, or this test would say little.
+    assert min(abs(a - b) for a, b in zip(result.lenses["logit"].kl[:-1], result.lenses["tuned"].kl[:-1])) > 1e-4
+
+
+def test_last_position_is_the_model_itself():
+    view = sharp_view("llama")
+    result = evaluate_lenses(
+        view, {"logit": LogitLens(view), "tuned": random_tuned_lens(view)}, random_tokens(3, 10), batch_size=2
+    )
+    for metrics in result.lenses.values():
+        assert metrics.kl[-1] == 0.0 and metrics.bias_kl[-1] == 0.0 and metrics.top1_agreement[-1] == 1.0
+        assert metrics.ce[-1] == pytest.approx(result.final_ce) and metrics.entropy[-1] == pytest.approx(
+            result.final_entropy
+        )
+        assert all(kl > 0 for kl in metrics.kl[:-1])
+
+
+def test_bfloat16_model_is_scored_in_float32():
+    view = sharp_view("gpt2")
+    view.model.to(torch.bfloat16)
+    lens = LogitLens(view)
+    tokens = random_tokens(2, 10)
+    result = evaluate_lenses(view, {"logit": lens}, tokens)
+    expected = reference_metrics(view, {"logit": lens}, tokens)
+    # bf16 logits, but softmax statistics in float32: agreement with a float64 softmax of the same logits.
+    torch.testing.assert_close(torch.tensor(result.lenses["logit"].ce, dtype=torch.float64), expected["logit"]["ce"])
+    torch.testing.assert_close(torch.tensor(result.lenses["logit"].kl[:-1], dtype=torch.float64),
+                               expected["logit"]["kl"][:-1], rtol=1e-3, atol=1e-5)  # fmt: skip
+
+
+def test_json_layout():
+    view = sharp_view("gpt2")
+    result = evaluate_lenses(
+        view, {"logit": LogitLens(view), "tuned": random_tuned_lens(view)}, random_tokens(2, 6),
+        bits_per_byte_factor=0.37,
+    )  # fmt: skip
+    data = json.loads(json.dumps(result.to_json()))  # plain JSON types only
+    assert data["model"] == "GPT2LMHeadModel" and data["tokens"] == 10 and data["nats_to_bits_per_byte"] == 0.37
+    assert data["layers"] == ["embeddings", "layer 1", "layer 2"] == layer_names(view)
+    assert set(data["final"]) == {"ce", "entropy"} and all(isinstance(v, float) for v in data["final"].values())
+    assert list(data["lenses"]) == ["logit", "tuned"]
+    for metrics in data["lenses"].values():
+        assert set(metrics) == set(METRICS)
+        assert all(len(values) == 3 and all(isinstance(v, float) for v in values) for values in metrics.values())
+    assert "transfer" not in data
+
+
+def test_transfer_matrix_diagonal_is_the_per_layer_kl():
+    view = sharp_view("gpt2")
+    lens = random_tuned_lens(view)
+    tokens = random_tokens(3, 8)
+    per_layer = evaluate_lenses(view, {"logit": LogitLens(view), "tuned": lens}, tokens, batch_size=2)
+    matrix = transfer_matrix(view, lens, tokens, batch_size=2)
+    positions = view.num_positions
+    assert len(matrix.kl) == len(matrix.ce) == positions and all(len(row) == positions for row in matrix.kl)
+    diagonal = [matrix.kl[i][i] for i in range(positions)]
+    assert diagonal == pytest.approx(per_layer.lenses["tuned"].kl, rel=1e-5, abs=1e-7)
+    assert [matrix.ce[i][i] for i in range(positions)] == pytest.approx(per_layer.lenses["tuned"].ce, rel=1e-5)
+    # The last translator is the identity: that row is the logit lens at every position.
+    assert matrix.kl[-1] == pytest.approx(per_layer.lenses["logit"].kl, rel=1e-5, abs=1e-7)
+    assert matrix.kl[0][1] != pytest.approx(matrix.kl[1][1], rel=1e-3)
+
+
+def test_png_writers(tmp_path):
+    view = sharp_view("gpt2")
+    lens = random_tuned_lens(view)
+    tokens = random_tokens(2, 6)
+    result = evaluate_lenses(view, {"logit": LogitLens(view), "tuned": lens}, tokens, bits_per_byte_factor=0.5)
+    with pytest.raises(LensLabError, match="no transfer matrix"):
+        plot_transfer(result, tmp_path / "transfer.png")
+    result.transfer["tuned"] = transfer_matrix(view, lens, tokens)
+    assert plot_curves(result, tmp_path / "curves.png").read_bytes().startswith(PNG_MAGIC)
+    assert plot_transfer(result, tmp_path / "transfer.png", units="nats").read_bytes().startswith(PNG_MAGIC)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["curves.png", "transfer.png"]  # no temporaries
+
+
+def test_bits_per_byte_need_the_factor():
+    result = EvalResult("m", 1, None, ["embeddings"], 1.0, 1.0, {})
+    assert result.unit_factor("nats") == 1.0
+    with pytest.raises(LensLabError, match="--units nats"):
+        result.unit_factor("bits-per-byte")
+
+
+def test_bad_inputs():
+    view = sharp_view("gpt2")
+    other = sharp_view("gpt2", seed=1)
+    with pytest.raises(LensLabError, match="was built for .* not for the evaluated"):
+        evaluate_lenses(view, {"logit": LogitLens(other)}, random_tokens(1, 4))
+    with pytest.raises(LensLabError, match="seq_len >= 2"):
+        evaluate_lenses(view, {"logit": LogitLens(view)}, random_tokens(3, 1))
+    with pytest.raises(LensLabError, match="n_sequences >= 1"):
+        evaluate_lenses(view, {"logit": LogitLens(view)}, random_tokens(0, 8))
+    with pytest.raises(LensLabError, match="No lens"):
+        evaluate_lenses(view, {}, random_tokens(1, 4))
+    with pytest.raises(LensLabError, match="--batch-size"):
+        transfer_matrix(view, LogitLens(view), random_tokens(1, 4), batch_size=0)
