@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
-import math
+import shutil
 
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
 
 from lenslab import evaluate
 from lenslab.adapter import ModelView
+from lenslab.cli import main
+from lenslab.data import DataSpec, TokenData, prepare_tokens
 from lenslab.errors import LensLabError
 from lenslab.evaluate import EvalResult, evaluate_lenses, layer_names, transfer_matrix
 from lenslab.lenses import LogitLens, TunedLens
 from lenslab.plots import plot_curves, plot_transfer
+from lenslab.train import TrainConfig, train_lens
 
 METRICS = ("ce", "perplexity", "kl", "entropy", "top1_agreement", "bias_kl")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -189,3 +193,111 @@ def test_bad_inputs():
         evaluate_lenses(view, {}, random_tokens(1, 4))
     with pytest.raises(LensLabError, match="--batch-size"):
         transfer_matrix(view, LogitLens(view), random_tokens(1, 4), batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# On the trained tiny LM: a trained lens beats the logit lens; `lenslab eval` end to end
+# ---------------------------------------------------------------------------------------------------
+
+SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def trained_lens(tiny_lm, tmp_path_factory):
+    """A tuned lens briefly trained on the tiny LM's training text, saved to a directory."""
+    view = ModelView.from_model(tiny_lm.model)
+    data = prepare_tokens(
+        DataSpec(str(tiny_lm.train_text_path)), tiny_lm.tokenizer, train_tokens=2**15, heldout_tokens=0, seq_len=SEQ_LEN
+    )
+    config = TrainConfig(steps=40, tokens_per_step=16 * SEQ_LEN, batch_size=16)
+    lens = train_lens(view, data.train, config, progress=False).lens
+    directory = tmp_path_factory.mktemp("lens") / "tiny-tuned"
+    lens.save(directory)
+    return lens, directory
+
+
+def heldout_tokens(tiny_lm, n: int) -> TokenData:
+    return prepare_tokens(
+        DataSpec(str(tiny_lm.heldout_text_path)), tiny_lm.tokenizer, train_tokens=0, heldout_tokens=n, seq_len=SEQ_LEN
+    )
+
+
+def test_trained_lens_beats_logit_lens_on_heldout_text(tiny_lm, trained_lens):
+    lens, _ = trained_lens
+    view = lens.view
+    data = heldout_tokens(tiny_lm, 2**12)
+    result = evaluate_lenses(view, {"logit": LogitLens(view), "tuned": lens}, data.heldout, batch_size=16)
+    tuned, logit = result.lenses["tuned"].kl, result.lenses["logit"].kl
+    assert all(t < l for t, l in zip(tuned[:-1], logit[:-1])), (tuned, logit)
+    assert tuned[-1] == logit[-1] == 0.0
+
+
+def run_eval(tiny_lm, output, *extra) -> int:
+    return main([
+        "eval", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.heldout_text_path), "--device", "cpu",
+        "--seq-len", str(SEQ_LEN), "--tokens", "512", "--output", str(output), *extra,
+    ])  # fmt: skip
+
+
+def test_cli_writes_json_png_and_table(tiny_lm, trained_lens, tmp_path, capsys):
+    _, directory = trained_lens
+    output = tmp_path / "out" / "eval.json"
+    assert run_eval(tiny_lm, output, "--lens", str(directory), "--lens", str(directory), "--transfer") == 0
+    data = json.loads(output.read_text())
+    num_positions = tiny_lm.model.config.n_layer + 1
+    assert list(data["lenses"]) == ["logit", "tuned"]  # the same directory twice is one lens, named "tuned"
+    assert data["tokens"] == 8 * (SEQ_LEN - 1) and data["model"] == str(tiny_lm.directory)
+    assert 0 < data["nats_to_bits_per_byte"] < 2 and len(data["layers"]) == num_positions
+    assert {"ce", "entropy"} <= set(data["final"])
+    assert all(len(values) == num_positions for values in data["lenses"]["tuned"].values())
+    assert len(data["transfer"]["tuned"]["kl"]) == num_positions
+    for png in ("eval.png", "eval-transfer.png"):
+        assert (output.parent / png).read_bytes().startswith(PNG_MAGIC)
+    assert sorted(path.name for path in output.parent.iterdir()) == ["eval-transfer.png", "eval.json", "eval.png"]
+    table = capsys.readouterr().out
+    assert "embeddings" in table and f"layer {num_positions - 1}" in table and "bpb" in table
+
+
+def test_cli_names_several_lenses_by_directory(tiny_lm, trained_lens, tmp_path):
+    _, directory = trained_lens
+    copy = tmp_path / "logit"  # a directory name that must not hide the logit lens
+    shutil.copytree(directory, copy)
+    output = tmp_path / "eval.json"
+    plot = tmp_path / "pictures" / "curves.png"
+    assert run_eval(tiny_lm, output, "--lens", str(directory), "--lens", str(copy), "--plot", str(plot),
+                    "--units", "nats") == 0  # fmt: skip
+    data = json.loads(output.read_text())
+    assert list(data["lenses"]) == ["logit", "tiny-tuned", "logit-2"]
+    assert data["lenses"]["tiny-tuned"] == data["lenses"]["logit-2"]
+    assert plot.read_bytes().startswith(PNG_MAGIC) and not (tmp_path / "eval.png").exists()
+
+
+def test_cli_refuses_a_lens_for_another_model(tiny_lm, tmp_path, capsys):
+    other = AutoModelForCausalLM.from_config(tiny_lm.model.config)  # same shapes, other weights
+    foreign = tmp_path / "foreign"
+    TunedLens.from_model(other).save(foreign)
+    output = tmp_path / "eval.json"
+    output.write_text("earlier results\n")
+    assert run_eval(tiny_lm, output, "--lens", str(foreign)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lenslab eval: error:")]
+    assert len(errors) == 1 and "unembedding differs" in errors[0] and "--allow-model-mismatch" in errors[0]
+    assert output.read_text() == "earlier results\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval.json", "foreign"]
+    # The escape hatch the error names works.
+    assert run_eval(tiny_lm, output, "--lens", str(foreign), "--allow-model-mismatch") == 0
+
+
+def test_cli_refuses_too_few_tokens(tiny_lm, tmp_path, capsys):
+    output = tmp_path / "eval.json"
+    assert run_eval(tiny_lm, output, "--tokens", str(10**8)) == 2
+    assert "--heldout-tokens" in capsys.readouterr().err  # the data module's flag, an alias of --tokens
+    with pytest.raises(SystemExit) as exit_info:
+        run_eval(tiny_lm, output, "--tokens", "0")
+    assert exit_info.value.code == 2
+    assert "--transfer needs" in _error_of(run_eval(tiny_lm, output, "--transfer"), capsys)
+    assert not output.exists()
+
+
+def _error_of(code: int, capsys) -> str:
+    assert code == 2
+    return capsys.readouterr().err

@@ -24,9 +24,9 @@ for at most as many held-out tokens sees only text that training never saw). Tra
 seed; held-out chunks keep source order.
 
 >>> spec = DataSpec("/work/shared/data/austen.txt")                       # doctest: +SKIP
->>> data = prepare_tokens(spec, tokenizer, train_tokens=2**20, heldout_tokens=2**16)  # doctest: +SKIP
->>> data.train.shape, data.nats_to_bits_per_byte                          # doctest: +SKIP
-(torch.Size([4096, 256]), 0.33)
+>>> data = prepare_tokens(spec, tokenizer, train_tokens=2**19, heldout_tokens=2**16, model=model)  # doctest: +SKIP
+>>> data.train.shape, data.heldout.shape, round(data.nats_to_bits_per_byte, 3)  # doctest: +SKIP
+(torch.Size([2048, 256]), torch.Size([256, 256]), 0.326)
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ def sample_texts(
 ) -> Iterator[str]:
     """Yield texts the model samples from an empty context, forever, `batch_size` at a time.
 
-    The context is the BOS token (EOS when there is none), or an empty assistant turn from the tokenizer's chat
-    template. Sampling is plain ancestral sampling (temperature 1, no top-k/top-p, no repetition penalty) whatever
+    The context is the BOS token (EOS when there is none), or, for chat models, the start of the assistant's reply
+    to an empty user message. Sampling is plain ancestral sampling (temperature 1, no top-k/top-p, no repetition penalty) whatever
     the model's `generation_config` recommends, because the lens should see the model's own distribution. Each batch
     is seeded from `seed`, and the global RNG state is left as it was.
     """
@@ -279,14 +279,13 @@ def sample_texts(
 
 
 def _sampling_prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of an empty context: a chat template's empty assistant turn, else BOS, else EOS."""
+    """Token ids of an empty context: with a chat template, an empty user message and the assistant turn's start
+    (templates cannot render an assistant turn alone, and transformers refuses an empty conversation); else BOS,
+    else EOS."""
     if tokenizer.chat_template:
-        try:
-            text = tokenizer.apply_chat_template([], add_generation_prompt=True, tokenize=False)
-        except Exception:  # noqa: BLE001 - many templates index messages[0]; an empty user turn renders everywhere
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False
-            )
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if token is None:

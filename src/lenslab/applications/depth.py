@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +33,17 @@ from lenslab.errors import LensLabError
 from lenslab.lenses import Lens
 
 logger = logging.getLogger(__name__)
+
+
+class DepthSummary(NamedTuple):
+    """Per-depth aggregates, each a list indexed by depth 0..L."""
+
+    counts: list[int]
+    """Tokens at each depth."""
+    mean_loss: list[float]
+    """Mean model loss (nats) of the tokens at each depth; NaN where there are none."""
+    mean_learned: list[float] | None
+    """Mean learning checkpoint of the learned tokens at each depth; None without checkpoints."""
 
 
 @dataclass
@@ -53,9 +65,22 @@ class DepthResult:
     spearman_depth_learned: float | None = None
     """Spearman correlation of depth with the learning checkpoint, over tokens that were learned."""
 
-    def histogram(self) -> list[int]:
-        """Number of tokens at each depth 0..L."""
-        return torch.bincount(self.depths.flatten(), minlength=self.num_layers + 1).tolist()
+    def by_depth(self) -> DepthSummary:
+        """Token count, mean loss and mean learning checkpoint at each depth 0..L (NaN where a depth has no token)."""
+        depths = self.depths.flatten()
+        counts = torch.bincount(depths, minlength=self.num_layers + 1)
+
+        def mean(values: Tensor, keep: Tensor) -> list[float]:
+            sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, depths[keep], values[keep].double())
+            return (sums / torch.bincount(depths[keep], minlength=len(counts))).tolist()  # 0 / 0 = NaN
+
+        everything = torch.ones_like(depths, dtype=torch.bool)
+        learned = None if self.learned is None else self.learned.flatten()
+        return DepthSummary(
+            counts=counts.tolist(),
+            mean_loss=mean(self.losses.flatten(), everything),
+            mean_learned=None if learned is None else mean(learned, learned >= 0),
+        )
 
     def to_json(self) -> dict:
         """Per-token lists (chunk after chunk), the histogram and the correlations; NaN is written as None."""
@@ -64,7 +89,7 @@ class DepthResult:
             "shape": list(self.depths.shape),
             "depths": self.depths.flatten().tolist(),
             "losses": self.losses.flatten().tolist(),
-            "histogram": self.histogram(),
+            "histogram": self.by_depth().counts,
             "mean_depth": float(self.depths.float().mean()),
             "spearman_depth_loss": _finite_or_none(self.spearman_depth_loss),
         }

@@ -83,7 +83,10 @@ class DetectionReport:
     """How the intervals were made: resamples, seed and method."""
 
     def to_json(self) -> dict:
-        return asdict(self)
+        report = asdict(self)
+        for score in report["detectors"].values():
+            score["ci95"] = list(score["ci95"])
+        return report
 
 
 def choice_features(

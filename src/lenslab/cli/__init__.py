@@ -16,7 +16,7 @@ from lenslab import __version__
 from lenslab.errors import LensLabError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS: list[str] = []
+SUBCOMMANDS: list[str] = ["train", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,12 +6,15 @@ Writes the metrics as JSON (`EvalResult.to_json()` plus the data's provenance), 
 next to it (or at `--plot`), with `--transfer` a heatmap of every translator at every layer, and prints a table.
 Everything is computed before anything is written, and every file is written atomically, so a failed run
 leaves earlier outputs as they were.
+
+Other subcommands that score lenses the same way (`lenslab transfer`) reuse `add_output_args`,
+`evaluate_to_files` and `print_table`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,13 +22,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args
+from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, load_model_from_args, positive_int
 from lenslab.errors import LensLabError
 
 if TYPE_CHECKING:
+    from lenslab.adapter import ModelView
     from lenslab.evaluate import EvalResult
-
-log = logging.getLogger(__name__)
+    from lenslab.lenses import Lens
+    from lenslab.loading import LoadedModel
 
 UNITS = ("bits-per-byte", "nats")
 """Choices of `--units`, as `EvalResult.unit_factor` takes them."""
@@ -47,88 +51,105 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lens", action="append", default=[], type=Path, metavar="DIR",
         help="a trained lens directory; repeat to compare several (the logit lens is always evaluated)",
     )  # fmt: skip
-    add_data_args(parser)
-    # Also spelled like `lenslab train`'s flag, which the data module names in its errors.
-    parser.add_argument(
-        "--tokens", "--heldout-tokens", dest="tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
-        help=f"held-out tokens to score, from the start of the data, which training leaves out (default {DEFAULT_TOKENS})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch-size", type=int, default=None, metavar="N",
-        help=f"sequences per forward pass (default: about {BATCH_TOKENS} tokens' worth)",
-    )  # fmt: skip
-    parser.add_argument("--output", "-o", type=Path, required=True, metavar="FILE.json", help="where to write the metrics")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="where to write the PNG (default: FILE.png)")
-    parser.add_argument(
-        "--transfer", action="store_true",
-        help="also apply every translator at every layer (JSON key 'transfer' and a FILE-transfer.png heatmap)",
-    )  # fmt: skip
-    parser.add_argument("--units", choices=UNITS, default=UNITS[0], help="units of the table and the plots")
     parser.add_argument(
         "--allow-model-mismatch", action="store_true",
         help="apply lenses trained for another model of the same shape (e.g. the base of a fine-tune)",
     )  # fmt: skip
+    parser.add_argument(
+        "--transfer", action="store_true",
+        help="also apply every translator at every layer (JSON key 'transfer' and a FILE-transfer.png heatmap)",
+    )  # fmt: skip
+    add_data_args(parser)
+    add_output_args(parser)
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    # Imported here so that `lenslab --help` does not pay for torch, transformers and matplotlib.
-    from lenslab.adapter import ModelView
-    from lenslab.artifacts import atomic_write_json
-    from lenslab.data import prepare_tokens
-    from lenslab.evaluate import evaluate_lenses, transfer_matrix
-    from lenslab.lenses import LogitLens, TunedLens
-    from lenslab.loading import load_model
-    from lenslab.plots import plot_curves, plot_transfer
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """Add `--tokens`, `--batch-size`, `--output`, `--plot` and `--units`, which `evaluate_to_files` reads."""
+    # Also spelled like `lenslab train`'s flag, which the data module names in its errors.
+    parser.add_argument(
+        "--tokens", "--heldout-tokens", dest="tokens", type=positive_int, default=DEFAULT_TOKENS, metavar="N",
+        help=f"held-out tokens to score, from the start of the data, which training leaves out "
+        f"(default {DEFAULT_TOKENS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, metavar="N",
+        help=f"sequences per forward pass (default: about {BATCH_TOKENS} tokens' worth)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", "-o", type=Path, required=True, metavar="FILE.json", help="where to write the metrics"
+    )
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="where to write the PNG (default: FILE.png)")
+    parser.add_argument("--units", choices=UNITS, default=UNITS[0], help="units of the table and the plots")
 
-    if args.tokens < 1:
-        raise LensLabError(f"--tokens is {args.tokens}; pass a positive number of held-out tokens to score.")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise LensLabError(f"--batch-size is {args.batch_size}; pass 1 or more.")
+
+def run(args: argparse.Namespace) -> int:
+    from lenslab.adapter import ModelView  # imported here so that `lenslab --help` does not pay for torch
+    from lenslab.lenses import LogitLens, TunedLens
+
     if args.transfer and not args.lens:
         raise LensLabError("--transfer needs a trained lens to apply at other layers; pass --lens DIR.")
-    plot_path = args.plot or args.output.with_suffix(".png")
-    transfer_path = plot_path.with_name(f"{plot_path.stem}-transfer.png")
-
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-                        trust_remote_code=args.trust_remote_code)  # fmt: skip
+    loaded = load_model_from_args(args)
     view = ModelView.from_model(loaded.model)
     # Lenses load before the data is read, so a lens for another model fails at once.
     directories = lens_names(args.lens)
     check = "shapes" if args.allow_model_mismatch else "full"
     trained = {name: TunedLens.load(directory, view, check=check) for name, directory in directories.items()}
+    return evaluate_to_files(
+        args, loaded, view, {"logit": LogitLens(view), **trained},
+        transfer=list(trained) if args.transfer else [],
+        record={"lens_paths": {name: str(directory) for name, directory in directories.items()}},
+    )  # fmt: skip
+
+
+def evaluate_to_files(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    view: ModelView,
+    lenses: dict[str, Lens],
+    *,
+    transfer: Sequence[str] = (),
+    record: dict | None = None,
+) -> int:
+    """Score `lenses` of `view` on the held-out tokens the flags name; print the table, write PNG(s) and JSON.
+
+    `args` holds the flags of `add_data_args` and `add_output_args`; `transfer` names the lenses that also get a
+    transfer matrix; `record` is merged into the JSON. Nothing is written until everything is computed.
+    Returns the exit code, 0.
+    """
+    from lenslab.artifacts import atomic_write_json
+    from lenslab.data import prepare_tokens
+    from lenslab.evaluate import evaluate_lenses, transfer_matrix
+    from lenslab.plots import plot_curves, plot_transfer
+
+    plot_path = args.plot or args.output.with_suffix(".png")
+    transfer_path = plot_path.with_name(f"{plot_path.stem}-transfer.png")
     data = prepare_tokens(
         data_spec_from_args(args), loaded.tokenizer, train_tokens=0, heldout_tokens=args.tokens,
         seq_len=args.seq_len, seed=args.seed, model=loaded.model,
     )  # fmt: skip
     batch_size = args.batch_size or max(1, BATCH_TOKENS // data.seq_len)
-    tokens = data.heldout
-
-    progress = _progress()
-    with progress:
-        task = progress.add_task("scoring lenses", total=len(tokens))
+    with _progress() as progress:
+        task = progress.add_task("scoring lenses", total=len(data.heldout))
         result = evaluate_lenses(
-            view, {"logit": LogitLens(view), **trained}, tokens, batch_size=batch_size,
-            bits_per_byte_factor=data.nats_to_bits_per_byte, progress=lambda n: progress.advance(task, n),
+            view, lenses, data.heldout, batch_size=batch_size, bits_per_byte_factor=data.nats_to_bits_per_byte,
+            progress=lambda n: progress.advance(task, n),
         )  # fmt: skip
-        for name, lens in trained.items() if args.transfer else ():
-            task = progress.add_task(f"transfer matrix of {name}", total=len(tokens))
+        for name in transfer:
+            task = progress.add_task(f"transfer matrix of {name}", total=len(data.heldout))
             result.transfer[name] = transfer_matrix(
-                view, lens, tokens, batch_size=batch_size, progress=lambda n, task=task: progress.advance(task, n)
-            )
+                view, lenses[name], data.heldout, batch_size=batch_size,
+                progress=lambda n, task=task: progress.advance(task, n),
+            )  # fmt: skip
 
     print_table(result, units=args.units)
-    plot_curves(result, plot_path, units=args.units)
-    if args.transfer:
-        plot_transfer(result, transfer_path, units=args.units)
-    record = result.to_json() | {
-        "data": data.source,
-        "seq_len": data.seq_len,
-        "lens_paths": {name: str(directory) for name, directory in directories.items()},
-    }
-    atomic_write_json(args.output, record)
-    written = [args.output, plot_path, *([transfer_path] if args.transfer else [])]
-    Console(stderr=True).print("Wrote " + ", ".join(str(path) for path in written))
+    written = [plot_curves(result, plot_path, units=args.units)]
+    if transfer:
+        written.append(plot_transfer(result, transfer_path, units=args.units))
+    atomic_write_json(
+        args.output, result.to_json() | {"data": data.source, "seq_len": data.seq_len} | (record or {})
+    )
+    Console(stderr=True).print("Wrote " + ", ".join(str(path) for path in [args.output, *written]))
     return 0
 
 

@@ -1,4 +1,9 @@
-"""Pictures of results: PNG figures with matplotlib (``curves``).
+"""Pictures of results.
+
+- ``curves``: PNG figures of an evaluation (``lenslab eval``): per-layer curves and transfer heatmaps;
+- ``png``, ``html``, ``terminal``: prediction trajectories as a PNG grid, interactive HTML and rich tables.
+
+The evaluation figures are re-exported here; the trajectory views are imported from their modules.
 
 >>> from lenslab.plots import plot_curves, plot_transfer  # doctest: +SKIP
 """

@@ -34,14 +34,14 @@ def plot_curves(result: EvalResult, path: str | Path, *, units: str = "bits-per-
     for name, metrics in result.lenses.items():
         ce_axes.plot(positions, [value * factor for value in metrics.ce], marker=".", label=_lens_label(name))
         kl_axes.plot(positions, [value * factor for value in metrics.kl], marker=".", label=_lens_label(name))
-    ce_axes.axhline(result.final_ce * factor, color="black", linestyle="--", linewidth=1, label="final layer")
+    ce_axes.axhline(result.final_ce * factor, color="black", linestyle="--", linewidth=1, label="model output")
     ce_axes.set_ylabel(f"cross-entropy ({label})")
     kl_axes.set_ylabel(f"KL(final ‖ lens) ({label})")
     for axes in (ce_axes, kl_axes):
         _layer_axis(axes, result.layers)
         axes.grid(alpha=0.3)
         axes.legend()
-    figure.suptitle(f"{result.model}: {result.tokens:,} held-out tokens")
+    figure.suptitle(f"{_display_name(result.model)}: {result.tokens:,} held-out tokens")
     return _save(figure, Path(path))
 
 
@@ -51,14 +51,21 @@ def plot_transfer(result: EvalResult, path: str | Path, *, units: str = "bits-pe
         raise LensLabError("The evaluation holds no transfer matrix to plot; evaluate with --transfer.")
     factor = result.unit_factor(units)
     figure = Figure(figsize=(5 * len(result.transfer), 4.4), layout="constrained")
-    for axes, (name, matrix) in zip(figure.subplots(1, len(result.transfer), squeeze=False)[0], result.transfer.items()):
+    panels = figure.subplots(1, len(result.transfer), squeeze=False)[0]
+    for axes, (name, matrix) in zip(panels, result.transfer.items()):
         image = axes.imshow([[value * factor for value in row] for row in matrix.kl], cmap="viridis", origin="lower")
         figure.colorbar(image, ax=axes, label=f"KL(final ‖ lens) ({_UNIT_LABELS[units]})")
         _layer_axis(axes, result.layers)
-        axes.set_ylabel("translator of layer position (last = identity)")
-        axes.set_title(_lens_label(name))
-    figure.suptitle(f"{result.model}: translator applied at another layer")
+        axes.set_xlabel("applied at layer (0 = embeddings)")
+        axes.set_ylabel("translator of layer (last = identity)")
+        axes.set_title(f"{_display_name(result.model)}: {_lens_label(name)}", fontsize="medium")
     return _save(figure, Path(path))
+
+
+def _display_name(model: str) -> str:
+    """A hub id as it is; a local path by its last component, which is what tells models apart."""
+    path = Path(model)
+    return path.name if path.exists() else model
 
 
 def _lens_label(name: str) -> str:

@@ -17,8 +17,22 @@ The package follows the pieces of a run, each readable alone:
 >>> result = train_lens(ModelView.from_model(model), data.train, TrainConfig(steps=16, tokens_per_step=2**18))  # doctest: +SKIP
 """
 
-from lenslab.train.config import TrainConfig
-from lenslab.train.distributed import init_distributed, shutdown_distributed
-from lenslab.train.loop import StepRecord, TrainResult, train_lens
+from importlib import import_module
 
-__all__ = ["StepRecord", "TrainConfig", "TrainResult", "init_distributed", "shutdown_distributed", "train_lens"]
+# Public name -> module, imported on first use so that the CLI can read `TrainConfig`'s defaults without torch.
+_PUBLIC = {
+    "TrainConfig": "lenslab.train.config",
+    "StepRecord": "lenslab.train.loop",
+    "TrainResult": "lenslab.train.loop",
+    "train_lens": "lenslab.train.loop",
+    "init_distributed": "lenslab.train.distributed",
+    "shutdown_distributed": "lenslab.train.distributed",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'lenslab.train' has no attribute {name!r}")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lenslab.errors import LensLabError
-from lenslab.train.recipes import RECIPES
 
 DEFAULT_LR = {"sgd": 1.0, "adam": 1e-3}
 """Effective learning rate per optimiser when `lr` is None (tuned-lens's defaults)."""
@@ -71,6 +70,8 @@ class TrainConfig:
                 raise LensLabError(f"{flag(name)} is {value}, but it must be positive; pass a value above 0.")
         if self.optimizer not in DEFAULT_LR:
             raise LensLabError(f"Unknown optimizer {self.optimizer!r}; pass --optimizer {' or '.join(DEFAULT_LR)}.")
+        from lenslab.train.recipes import RECIPES  # imported late: torch is not needed to parse settings
+
         if self.recipe not in RECIPES:
             raise LensLabError(f"Unknown recipe {self.recipe!r}; pass --recipe {' or '.join(RECIPES)}.")
         if not 0 <= self.momentum < 1:

@@ -158,8 +158,11 @@ def train_lens(
         local_tokens = len(indices) * seq_len
         layer_sums = torch.zeros(view.num_layers, device=view.device)
         for batch in indices.split(micro_batch):
+            input_ids = tokens[batch].to(view.device)
             with torch.no_grad():
-                residuals = view.capture(tokens[batch].to(view.device))
+                # Packed sequences have no padding; the explicit mask only tells transformers so, since the
+                # separator token is often also the pad token and would otherwise draw a warning.
+                residuals = view.capture(input_ids, torch.ones_like(input_ids))
             target = final_target(residuals.logits)
             del residuals.hidden[-1]  # the last position has no translator; free it early
             # Scaling each backward by 1 / tokens makes the accumulated gradient that of the mean over the step.
@@ -246,7 +249,8 @@ def _log_plan(config: TrainConfig, per_step: int, seq_len: int, num_sequences: i
         )  # fmt: skip
     log.info(
         "Training %d steps of %d sequences in micro-batches of %d on %d process(es)",
-        config.steps, per_step, config.micro_batch_size(seq_len), processes.world_size,
+        config.steps, per_step, min(config.micro_batch_size(seq_len), per_step // processes.world_size),
+        processes.world_size,
     )  # fmt: skip
 
 

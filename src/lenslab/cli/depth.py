@@ -1,0 +1,154 @@
+"""`lenslab depth`: prediction depth of every token, its correlation with loss and with training order.
+
+    lenslab depth --model M --lens DIR --data text.txt --output depth.json
+    lenslab depth --model M --lens DIR --data text.txt --output depth.json --checkpoints step1000 step2000 M
+
+Writes `DepthResult.to_json()` (per-token depths and losses, chunk after chunk, the depth histogram and the
+Spearman correlations) plus the data's provenance, a histogram PNG next to it (or at `--plot`), and prints the
+histogram as a table. Without `--lens` the depths are those of the logit lens. `--checkpoints` are the model's
+training checkpoints in training order (hub ids, `--revision`-free, or local directories); each token's
+learning checkpoint is the first from which the checkpoint's top-1 prediction is right and stays right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args
+from lenslab.errors import LensLabError
+
+if TYPE_CHECKING:
+    from lenslab.applications.depth import DepthResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKENS = 2**14
+"""Held-out tokens scored when `--tokens` is not given."""
+BATCH_TOKENS = 2**12
+"""Tokens per forward when `--batch-size` is not given; every lens position is decoded for each of them."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "depth",
+        help="prediction depth of tokens and its correlation with loss",
+        description="For every held-out token, the earliest layer from which the lens's top-1 prediction equals the "
+        "model's final prediction and stays equal (its prediction depth); the Spearman correlation of depth with "
+        "the model's loss and, with --checkpoints, with the checkpoint at which training learned the token.",
+    )
+    add_model_args(parser)
+    parser.add_argument("--lens", type=Path, metavar="DIR", help="trained tuned lens (default: the logit lens)")
+    add_data_args(parser)
+    parser.add_argument(
+        "--tokens", "--heldout-tokens", dest="tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+        help=f"held-out tokens to score, from the start of the data (default {DEFAULT_TOKENS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoints", nargs="+", default=None, metavar="MODEL",
+        help="the model's training checkpoints in training order (hub ids or directories, same tokenizer)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int, default=None, metavar="N",
+        help=f"sequences per forward pass (default: about {BATCH_TOKENS} tokens' worth)",
+    )  # fmt: skip
+    parser.add_argument("--output", "-o", type=Path, required=True, metavar="FILE.json", help="where to write the depths")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="where to write the histogram PNG (default: FILE.png)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that `lenslab --help` does not pay for torch and transformers.
+    from lenslab.adapter import ModelView
+    from lenslab.applications.depth import add_learning_order, learned_checkpoint, prediction_depth
+    from lenslab.artifacts import atomic_write_json
+    from lenslab.data import prepare_tokens
+    from lenslab.lenses import LogitLens, TunedLens
+    from lenslab.loading import load_model
+
+    if args.tokens < 1:
+        raise LensLabError(f"--tokens is {args.tokens}; pass a positive number of held-out tokens to score.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise LensLabError(f"--batch-size is {args.batch_size}; pass 1 or more.")
+    plot_path = args.plot or args.output.with_suffix(".png")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                        trust_remote_code=args.trust_remote_code)  # fmt: skip
+    view = ModelView.from_model(loaded.model)
+    lens = TunedLens.load(args.lens, view) if args.lens else LogitLens(view)
+    data = prepare_tokens(
+        data_spec_from_args(args), loaded.tokenizer, train_tokens=0, heldout_tokens=args.tokens,
+        seq_len=args.seq_len, seed=args.seed, model=loaded.model,
+    )  # fmt: skip
+    batch_size = args.batch_size or max(1, BATCH_TOKENS // data.seq_len)
+    result = prediction_depth(view, lens, data.heldout, batch_size=batch_size)
+    if args.checkpoints:
+        # One checkpoint in memory at a time: each is loaded when the previous one is done.
+        models = (
+            load_model(name, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code).model
+            for name in args.checkpoints
+        )
+        learned = learned_checkpoint(models, data.heldout, batch_size=batch_size)
+        result = add_learning_order(result, learned, list(args.checkpoints))
+
+    print_histogram(result, lens_kind=lens.kind)
+    plot_histogram(result, plot_path, title=f"{view.model.config.name_or_path}: {lens.kind} lens")
+    record = result.to_json() | {
+        "lens": lens.kind,
+        "lens_path": str(args.lens) if args.lens else None,
+        "data": data.source,
+        "seq_len": data.seq_len,
+    }
+    atomic_write_json(args.output, record)
+    Console(stderr=True).print(f"Wrote {args.output}, {plot_path}")
+    return 0
+
+
+def print_histogram(result: DepthResult, *, lens_kind: str, console: Console | None = None) -> None:
+    """Print tokens, mean loss and (with checkpoints) mean learning checkpoint per prediction depth."""
+    summary = result.by_depth()
+    caption = f"Spearman(depth, loss) = {_format(result.spearman_depth_loss)}"
+    if result.learned is not None:
+        caption += f"; Spearman(depth, learning checkpoint) = {_format(result.spearman_depth_learned)}"
+    table = Table(title=f"Prediction depth ({lens_kind} lens), {result.depths.numel():,} tokens", caption=caption)
+    for column in ("depth", "tokens", "share", "mean loss (nats)"):
+        table.add_column(column, justify="right")
+    if result.learned is not None:
+        table.add_column("mean learning checkpoint", justify="right")
+    total = result.depths.numel()
+    for depth, (count, loss) in enumerate(zip(summary.counts, summary.mean_loss)):
+        cells = [str(depth), f"{count:,}", f"{count / total:.1%}", _format(loss)]
+        if result.learned is not None:
+            cells.append(_format(summary.mean_learned[depth]))
+        table.add_row(*cells)
+    (console or Console()).print(table)
+
+
+def plot_histogram(result: DepthResult, path: Path, *, title: str) -> Path:
+    """Write a bar chart of tokens per prediction depth, with the mean loss per depth on a second axis."""
+    from matplotlib.figure import Figure
+
+    from lenslab.artifacts import atomic_write
+
+    summary = result.by_depth()
+    depths = range(result.num_layers + 1)
+    figure = Figure(figsize=(6.5, 4), layout="constrained")
+    axes = figure.subplots()
+    axes.bar(depths, summary.counts, color="tab:blue", alpha=0.7)
+    axes.set_xlabel("prediction depth (layer; 0 = embeddings)")
+    axes.set_ylabel("tokens", color="tab:blue")
+    axes.set_xticks(list(depths))
+    loss_axes = axes.twinx()
+    loss_axes.plot(depths, summary.mean_loss, color="tab:red", marker="o")
+    loss_axes.set_ylabel("mean loss (nats)", color="tab:red")
+    axes.set_title(f"{title}\nSpearman(depth, loss) = {_format(result.spearman_depth_loss)}")
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=150))
+    return path
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.3f}"  # NaN != NaN

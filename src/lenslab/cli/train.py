@@ -1,0 +1,150 @@
+"""`lenslab train`: fit a tuned lens to a model on text, with the tuned lens paper's recipe by default.
+
+    lenslab train --model gpt2 --data corpus.txt --output lenses/gpt2
+    torchrun --nproc_per_node 4 -m lenslab train --model gpt2 --output lenses/gpt2   # one GPU per process
+
+The first `--heldout-tokens` of the data are kept out of training (the text `lenslab eval` scores by default);
+training reads `--steps` x `--tokens-per-step` tokens after them unless `--train-tokens` says otherwise. The output
+directory receives `train_log.jsonl` (a record per step), a checkpoint every `--checkpoint-every` steps and, at
+the end, the lens (`config.json` + `params.safetensors`). Running the same command again resumes a killed run
+from its last checkpoint; a directory holding another configuration's run is refused unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, positive_int
+from lenslab.cli.eval import DEFAULT_TOKENS as EVAL_TOKENS
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for token counts that may be zero."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lenslab.train.config import TrainConfig  # torch-free, so `lenslab --help` stays fast
+
+    # Defaults come from TrainConfig itself, so the flags cannot drift from the library.
+    defaults = argparse.Namespace(**{field.name: field.default for field in dataclasses.fields(TrainConfig)})
+    parser = subparsers.add_parser(
+        "train",
+        help="train a tuned lens for a model",
+        description="Train a tuned lens (one affine translator per layer) to match the model's own next-token "
+        "distribution at every layer: KL(p_final || p_lens) summed over layers, the model frozen. Defaults are the "
+        "tuned lens paper's recipe. Run under torchrun for data parallelism.",
+    )
+    add_model_args(parser)
+    add_data_args(parser)
+    parser.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="directory for the lens, log and checkpoints")  # fmt: skip
+    parser.add_argument(
+        "--train-tokens", type=positive_int, default=None, metavar="N",
+        help="training tokens to read (default: --steps x --tokens-per-step, so no text is read twice)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--heldout-tokens", type=non_negative_int, default=EVAL_TOKENS, metavar="N",
+        help="tokens at the start of the data kept out of training, for `lenslab eval` (default: %(default)s)",
+    )  # fmt: skip
+
+    group = parser.add_argument_group("training (defaults: the tuned lens paper's recipe)")
+    group.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps (default: %(default)s)")
+    group.add_argument(
+        "--tokens-per-step", type=int, default=defaults.tokens_per_step, metavar="N",
+        help="tokens per step over all processes (default: %(default)s = 2^18)",
+    )  # fmt: skip
+    group.add_argument(
+        "--batch-size", type=int, default=None, metavar="N",
+        help="sequences per forward pass in each process; lower it if memory runs out (default: about 8192 tokens)",
+    )  # fmt: skip
+    group.add_argument("--recipe", default=defaults.recipe, help="how the lens is updated (default: %(default)s)")
+    group.add_argument("--optimizer", choices=("sgd", "adam"), default=defaults.optimizer, help="(default: %(default)s)")
+    group.add_argument(
+        "--lr", type=float, default=None,
+        help="effective learning rate (default: 1.0 for sgd, whose momentum gain is divided out; 1e-3 for adam)",
+    )  # fmt: skip
+    group.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum or Adam beta1 (default: %(default)s)")  # fmt: skip
+    group.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay,
+        help="pulls the translators toward the identity (default: %(default)s)",
+    )  # fmt: skip
+    group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping (default: %(default)s)")  # fmt: skip
+    group.add_argument(
+        "--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 0 for sgd, steps/5 for adam)"
+    )
+    group.add_argument(
+        "--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="N",
+        help="steps between checkpoints, 0 for none (default: %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--mixed-precision", action=argparse.BooleanOptionalAction, default=defaults.mixed_precision,
+        help="run the lens in bfloat16 autocast on GPUs (default: on)",
+    )  # fmt: skip
+    group.add_argument(
+        "--resume", action=argparse.BooleanOptionalAction, default=True,
+        help="continue from the checkpoint in --output when it holds one of this configuration (default: on)",
+    )  # fmt: skip
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace a lens or checkpoint of another configuration in --output"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that `lenslab --help` does not pay for torch and transformers.
+    from rich.console import Console
+
+    from lenslab.adapter import ModelView
+    from lenslab.data import default_seq_len, prepare_tokens
+    from lenslab.loading import load_model
+    from lenslab.train import TrainConfig, init_distributed, shutdown_distributed, train_lens
+    from lenslab.train.batches import sequences_per_step
+    from lenslab.train.distributed import Processes
+
+    # Settings are checked before anything is loaded.
+    config = TrainConfig(
+        steps=args.steps, tokens_per_step=args.tokens_per_step, batch_size=args.batch_size, recipe=args.recipe,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
+    )  # fmt: skip
+    device = init_distributed(args.device)
+    try:
+        processes = Processes.current()
+        loaded = load_model(args.model, dtype=args.dtype, device=device, revision=args.revision,
+                            trust_remote_code=args.trust_remote_code)  # fmt: skip
+        view = ModelView.from_model(loaded.model)
+        seq_len = args.seq_len or default_seq_len(loaded.model, loaded.tokenizer)
+        per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
+        data = prepare_tokens(
+            data_spec_from_args(args), loaded.tokenizer, train_tokens=args.train_tokens or config.steps * per_step * seq_len,
+            heldout_tokens=args.heldout_tokens, seq_len=seq_len, seed=args.seed, model=loaded.model,
+        )  # fmt: skip
+        metadata = {
+            "model": args.model,
+            "model_revision": args.revision,
+            "data": {
+                "source": data.source, "seq_len": data.seq_len, "train_sequences": len(data.train),
+                "heldout_tokens": args.heldout_tokens, "bytes_per_token": data.bytes_per_token,
+            },
+        }  # fmt: skip
+        result = train_lens(
+            view, data.train, config, output_dir=args.output, resume=args.resume, overwrite=args.overwrite,
+            metadata=metadata,
+        )  # fmt: skip
+    finally:
+        shutdown_distributed()
+    if processes.is_main:
+        last = result.history[-1]
+        mean_kl = last.loss / len(last.layer_losses)
+        Console().print(
+            f"Saved the tuned lens to {args.output}: {last.step} steps, {last.tokens:,} tokens, final loss "
+            f"{last.loss:.4f} nats ({mean_kl:.4f} per layer, {mean_kl * data.nats_to_bits_per_byte:.4f} bits/byte), "
+            f"{last.elapsed:,.0f} s of training."
+        )
+    return 0
