@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per trainer, to leave cores to others (default: %(default)s)")  # fmt: skip
     parser.add_argument("--tuned-lens-python", type=Path, default=None, help="a Python with tuned-lens 0.2.0 installed")
+    parser.add_argument(
+        "--tuned-lens-tokenizer-type", default="gpt2",
+        help="model type whose tokenizer class transformers 4 uses to read the tokenizer (transformers 5 saves a "
+        "class name, TokenizersBackend, that transformers 4 lacks; default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--worker", choices=("lenslab", "tuned-lens"), help=argparse.SUPPRESS)
     parser.add_argument("--lens-dir", type=Path, help=argparse.SUPPRESS)
@@ -124,7 +129,7 @@ def tuned_lens_worker(args: argparse.Namespace) -> dict:
             return state
 
     train = TimedTrain(
-        model=ingredients.Model(name=args.model, precision="float32"),
+        model=ingredients.Model(name=args.model, precision="float32", tokenizer_type=args.tuned_lens_tokenizer_type),
         data=ingredients.Data(name=[str(args.train_jsonl)], max_length=args.seq_len),
         opt=ingredients.Optimizer(),
         dist=ingredients.Distributed(per_gpu_batch_size=args.batch_size),
@@ -146,6 +151,7 @@ def run_worker(python: Path | str, name: str, args: argparse.Namespace, lens_dir
         "--tokens-per-step", str(args.tokens_per_step), "--seq-len", str(args.seq_len),
         "--batch-size", str(args.batch_size), "--heldout-tokens", str(args.heldout_tokens),
         "--device", args.device, "--threads", str(args.threads),
+        "--tuned-lens-tokenizer-type", args.tuned_lens_tokenizer_type,
     ]  # fmt: skip
     print(f"training with {name} ...", file=sys.stderr, flush=True)
     completed = subprocess.run(command, capture_output=True, text=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,13 +39,18 @@ def tiny_lm_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
     if cache is None:
         return train_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
-    root = cache.mkdir("lenslab-tiny-lm")
-    directory = root / _cache_key()
-    # train_tiny_lm writes METRICS_FILE last: without it, the directory is an interrupted run.
+    directory = cache.mkdir("lenslab-tiny-lm") / _cache_key()
+    # train_tiny_lm writes METRICS_FILE last, so a directory without it holds no usable model.
     if not (directory / METRICS_FILE).exists():
-        for stale in root.iterdir():  # models from older recipes or library versions
-            shutil.rmtree(stale)
-        train_tiny_lm(directory)
+        # Train elsewhere and rename into place, so that sessions sharing this checkout never load
+        # a half-written model.
+        staging = Path(tempfile.mkdtemp(prefix=f"{directory.name}-", dir=directory.parent))
+        train_tiny_lm(staging)
+        if (directory / METRICS_FILE).exists():  # another session finished first, with the same model
+            shutil.rmtree(staging)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)  # the remains of an interrupted run, if any
+            staging.rename(directory)
     return directory
 
 

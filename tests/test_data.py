@@ -40,7 +40,8 @@ EOS = "<|endoftext|>"
 # Distinct documents with numbered markers at both ends (to find which document a chunk came from) and some
 # multi-byte characters (so that bytes and characters differ).
 DOCS = [
-    f"start{i:03d} the quick brown fox {'jumps over ' * (i % 4)}the lazy dog, café №{i} end{i:03d}" for i in range(60)
+    f"start{i:03d} the quick brown fox {'jumps over ' * (i % 4)}the lazy dog, café №{i} end{i:03d}"
+    for i in range(60)
 ]
 
 
@@ -257,14 +258,19 @@ def test_self_sampling_starts_chat_models_at_the_assistant_turn(monkeypatch, mod
 
 def test_self_sampling_gives_up_on_empty_samples(monkeypatch, model, tokenizer):
     eos = tokenizer.eos_token_id
-    monkeypatch.setattr(model, "generate", lambda prompt, **kwargs: torch.cat([prompt, torch.full_like(prompt, eos)], 1))
+    def only_eos(prompt, **kwargs):
+        return torch.cat([prompt, torch.full_like(prompt, eos)], dim=1)
+
+    monkeypatch.setattr(model, "generate", only_eos)
     with pytest.raises(LensLabError, match="empty texts in a row; pass --data a dataset"):
         next(sample_texts(model, tokenizer, batch_size=3))
 
 
-def test_prepare_tokens_from_self(model, tokenizer):
+def test_prepare_tokens_from_self(monkeypatch, model, tokenizer):
+    calls = record_generate(monkeypatch, model)
     data = prepare_tokens(DataSpec("self"), tokenizer, model=model, train_tokens=96, heldout_tokens=32, seq_len=32)
     assert data.train.shape == (3, 32) and data.heldout.shape == (1, 32)
+    assert len(calls) == 1  # one batch of samples holds enough text: sampling stops there
     assert data.source == "self-sampled text" and data.bytes_per_token > 0
     with pytest.raises(LensLabError, match="needs the model"):
         prepare_tokens(DataSpec("self"), tokenizer, train_tokens=96, heldout_tokens=32, seq_len=32)

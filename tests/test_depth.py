@@ -1,4 +1,5 @@
-"""Prediction depth (`lenslab.applications.depth`) and `lenslab depth`, against plain loops over layers and checkpoints."""
+"""Prediction depth (`lenslab.applications.depth`) and `lenslab depth`, against plain loops over layers and
+checkpoints."""
 
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def counting_prompt(rng: random.Random, anomalous: bool) -> ChoicePrompt:
 def fact_prompts(tiny_lm) -> list[ChoicePrompt]:
     """"<a held-out sentence> The capital of <country> is" for four countries, with their capitals as choices."""
     rng = random.Random(0)
-    sentences = [s.strip() + "." for doc in read_documents(tiny_lm.heldout_text_path) for s in doc.split(".") if s.strip()]
+    documents = read_documents(tiny_lm.heldout_text_path)
+    sentences = [s.strip() + "." for doc in documents for s in doc.split(".") if s.strip()]
     prompts = []
     for _ in range(80):
         answer = rng.randrange(len(COUNTRIES))
@@ -219,10 +220,12 @@ def test_bad_input_errors(tmp_path, tiny_lm, view, fact_prompts):
     empty_choice = [ChoicePrompt("The cat", [" sees", ""], label="normal")]
     with pytest.raises(LensLabError, match="Choice '' of prompt 1 tokenizes to no tokens"):
         choice_features(view, tokenizer, lenses, empty_choice)
-    with pytest.raises(LensLabError, match="has 2 choices but the first has 4"):
-        run_detection(view, tokenizer, lenses, fact_prompts[:4], [*test, ChoicePrompt("x", [" a", " b"], label="normal")])
+    two_choices = ChoicePrompt("x", [" a", " b"], label="normal")
+    with pytest.raises(LensLabError, match="Prompt 11 has 2 choices but the first has 4"):
+        run_detection(view, tokenizer, lenses, fact_prompts[:4], [*test, two_choices])
+    all_normal = make_attacks(fact_prompts[:6], AttackConfig(fraction=0))
     with pytest.raises(LensLabError, match="test set holds 0 anomalous and 6 normal"):
-        run_detection(view, tokenizer, lenses, fact_prompts[:4], make_attacks(fact_prompts[:6], AttackConfig(fraction=0)))
+        run_detection(view, tokenizer, lenses, fact_prompts[:4], all_normal)
     with pytest.raises(LensLabError, match="Test prompt 1 has no 'label'"):
         run_detection(view, tokenizer, lenses, fact_prompts[:4], fact_prompts[4:6])
     with pytest.raises(LensLabError, match="--normal holds prompts labelled 'anomalous'"):
@@ -242,7 +245,7 @@ def test_cli_make_attacks_then_detect(tmp_path, tiny_lm, tuned_lens, fact_prompt
     write_choice_prompts(tmp_path / "normal.jsonl", fact_prompts[:40])
     tuned_lens.save(tmp_path / "lens")
     assert main([
-        "detect", "make-attacks", "--input", str(tmp_path / "mc.jsonl"), "--output", str(tmp_path / "test.jsonl"),
+        "make-attacks", "--input", str(tmp_path / "mc.jsonl"), "--output", str(tmp_path / "test.jsonl"),
         "--kind", "injection", "--fraction", "0.5", "--seed", "1",
     ]) == 0  # fmt: skip
     assert [r.label for r in read_choice_prompts(tmp_path / "test.jsonl", "--test")].count("anomalous") == 20

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def test_model_is_trained(tiny_lm):
-    heldout = pack(tiny_lm.tokenizer, read_documents(tiny_lm.heldout_text_path), tiny_lm.model.config.n_positions)
+    documents = read_documents(tiny_lm.heldout_text_path)
+    heldout = pack(tiny_lm.tokenizer, documents, tiny_lm.model.config.n_positions)[:64]  # 8k tokens: enough
     vocab_size = len(tiny_lm.tokenizer)
     loss = mean_loss(tiny_lm.model, heldout)
     assert loss < 0.6 * math.log(vocab_size)
@@ -31,7 +32,7 @@ def test_model_is_trained(tiny_lm):
 def test_unigram_entropy_matches_plain_formula():
     chunks = torch.tensor([[0, 1, 1, 2], [2, 2, 2, 2]])
     p = torch.tensor([1, 2, 5]) / 8
-    assert math.isclose(unigram_entropy(chunks, vocab_size=5), float(-(p * p.log()).sum()), rel_tol=1e-9)
+    assert math.isclose(unigram_entropy(chunks, vocab_size=5), float(-(p * p.log()).sum()), rel_tol=1e-6)
 
 
 def test_corpus_is_deterministic_by_seed():
@@ -77,7 +78,9 @@ def test_training_is_deterministic_by_seed(tmp_path):
     def weights(seed: int, name: str) -> dict[str, torch.Tensor]:
         return load_file(train_tiny_lm(tmp_path / name, seed=seed, **recipe) / "model.safetensors")
 
+    threads = torch.get_num_threads()
     first, again, other = weights(0, "first"), weights(0, "again"), weights(1, "other")
+    assert torch.get_num_threads() == threads  # training runs on one thread but gives the others back
     assert first.keys() == again.keys()
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not torch.equal(first["transformer.wte.weight"], other["transformer.wte.weight"])

@@ -92,6 +92,6 @@ def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str, flag: str) ->
         pieces = [tokenizer.convert_ids_to_tokens(i) for i in ids]
         raise LensLabError(
             f"{flag} {text!r} is {len(ids)} tokens {pieces} but a single token was expected; pass one token "
-            f"to {flag} (mind the leading space, e.g. {flag} ' Paris')."
+            f"to {flag} (mind the leading space, as in {flag} ' Paris')."
         )
     return ids[0]

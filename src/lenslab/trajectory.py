@@ -66,8 +66,10 @@ class TrajectoryConfig:
         if self.anti_targets and not self.targets:
             raise LensLabError("Anti-targets were given without targets; pass --target too (or drop --anti-target).")
         if self.positions is not None and self.positions.step not in (None, 1):
-            raise LensLabError(f"positions has step {self.positions.step} but only contiguous ranges are shown; "
-                               "pass --positions START:END.")
+            raise LensLabError(
+                f"positions has step {self.positions.step} but only contiguous ranges are shown; "
+                "pass --positions START:END."
+            )
 
 
 class Statistic(NamedTuple):
@@ -106,7 +108,7 @@ class Trajectory:
     lens_name: str
     """Kind of lens: "logit", "tuned", ..."""
     layers: list[str]
-    """Names of the lens positions (``lenslab.evaluate.layer_names``): "embeddings", "layer 1", ..., "layer L"."""
+    """Lens position names (``lenslab.evaluate.layer_names``): "embeddings", "layer 1", ..., "layer L"."""
     input_ids: Tensor
     """[N] int64, the prompt tokens shown (the prompt's tokens ``start:start + N``)."""
     next_ids: Tensor
@@ -186,7 +188,7 @@ class Trajectory:
 
     @property
     def target_score(self) -> Tensor | None:
-        """[P, N] log p(targets) − log p(anti-targets) (just log p(targets) without anti-targets); None without targets."""
+        """[P, N] log p(targets) − log p(anti-targets), or log p(targets) alone; None without targets."""
         if self.target_logprob is None:
             return None
         if self.anti_target_logprob is None:
@@ -246,11 +248,11 @@ class Trajectory:
 
 
 def trajectories_to_dict(trajectories: Sequence[Trajectory]) -> dict[str, Any]:
-    """One trajectory's ``to_dict()``; several as ``{"lenses": {lens_name: to_dict(), ...}}`` in the given order."""
+    """One trajectory's ``to_dict()``; several as ``{"lenses": {lens_name: to_dict(), ...}}``, in order."""
     if len(trajectories) == 1:
         return trajectories[0].to_dict()
-    return {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION,
-            "lenses": {t.lens_name: t.to_dict() for t in trajectories}}
+    lenses = {trajectory.lens_name: trajectory.to_dict() for trajectory in trajectories}
+    return {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION, "lenses": lenses}
 
 
 def value_range(trajectories: Sequence[Trajectory], name: str) -> tuple[float, float]:
@@ -306,7 +308,9 @@ def compute_trajectories(
     vocab = view.vocab_size
     for name, chosen in (("--target", config.targets), ("--anti-target", config.anti_targets)):
         if any(not 0 <= i < vocab for i in chosen):
-            raise LensLabError(f"{name} ids {list(chosen)} are outside the vocabulary 0..{vocab - 1}; pass tokens of this model.")
+            raise LensLabError(
+                f"{name} ids {list(chosen)} are outside the vocabulary 0..{vocab - 1}; pass tokens of this model."
+            )
     top_k = min(config.top_k, vocab)
     start, end = _token_range(view.model, len(ids), config.positions)
 
@@ -317,26 +321,28 @@ def compute_trajectories(
     chunk = max(1, config.chunk_elements // vocab)
     logger.debug("trajectory: %d positions x %d tokens, chunks of %d tokens", n_positions, n_tokens, chunk)
 
-    results = [_Buffers.empty(n_positions, n_tokens, top_k, config) for _ in lenses]
+    model_name = view.model.config.name_or_path or type(view.model).__name__
+    results = [
+        _empty(model_name, lens.kind, layer_names(view), ids[start:end].clone(), next_ids, start, top_k, config)
+        for lens in lenses
+    ]
     for chunk_start in range(0, n_tokens, chunk):
         columns = slice(chunk_start, min(chunk_start + chunk, n_tokens))
         final = _Final.from_logits(view.decode(hidden[-1][columns]).float())
         chunk_next = next_ids[columns].to(final.probs.device)
-        for lens, buffers in zip(lenses, results):
+        for lens, trajectory in zip(lenses, results):
             for position in range(n_positions):
                 logits = lens(hidden[position][columns], position).float()  # [c, vocab]
-                buffers.fill(position, columns, logits, final, chunk_next, config)
+                _fill(trajectory, (position, columns), logits, final, chunk_next)
                 del logits  # before the next position's logits exist
 
     referenced = {*ids[start:end].tolist(), *next_ids[next_ids >= 0].tolist(), *config.targets, *config.anti_targets}
-    for buffers in results:
-        referenced.update(buffers.top_k_ids.unique().tolist())
+    for trajectory in results:
+        referenced.update(trajectory.top_k_ids.unique().tolist())
     texts = token_texts(tokenizer, referenced)
-    model_name = view.model.config.name_or_path or type(view.model).__name__
-    return [
-        buffers.trajectory(model_name, lens.kind, layer_names(view), ids[start:end].clone(), next_ids.clone(), texts, start, config)
-        for lens, buffers in zip(lenses, results)
-    ]
+    for trajectory in results:
+        trajectory.token_text = texts
+    return results
 
 
 class _Final(NamedTuple):
@@ -354,72 +360,57 @@ class _Final(NamedTuple):
         return cls(probs, torch.linalg.vecdot(probs, logprobs))
 
 
-@dataclass
-class _Buffers:
-    """Per-lens output tensors filled chunk by chunk ([P, N, ...] on the CPU)."""
+def _empty(model_name, lens_name, layers, input_ids, next_ids, start, top_k, config) -> Trajectory:
+    """A Trajectory of zeros for ``_fill`` to complete; ``token_text`` is set once all top-k ids are known."""
+    n_positions, n_tokens = len(layers), len(input_ids)
 
-    top_k_ids: Tensor
-    top_k_probs: Tensor
-    entropy: Tensor
-    kl_to_final: Tensor
-    next_token_rank: Tensor
-    next_token_prob: Tensor
-    target_logprob: Tensor | None
-    anti_target_logprob: Tensor | None
-    target_rank: Tensor | None
+    def grid(dtype: torch.dtype = torch.float32, *extra: int) -> Tensor:
+        return torch.zeros(n_positions, n_tokens, *extra, dtype=dtype)
 
-    @classmethod
-    def empty(cls, n_positions: int, n_tokens: int, top_k: int, config: TrajectoryConfig) -> _Buffers:
-        def grid(dtype=torch.float32) -> Tensor:
-            return torch.zeros(n_positions, n_tokens, dtype=dtype)
+    return Trajectory(
+        model_name=model_name,
+        lens_name=lens_name,
+        layers=layers,
+        input_ids=input_ids,
+        next_ids=next_ids.clone(),
+        top_k_ids=grid(torch.long, top_k),
+        top_k_probs=grid(torch.float32, top_k),
+        entropy=grid(),
+        kl_to_final=grid(),
+        next_token_rank=grid(torch.long),
+        next_token_prob=grid(),
+        token_text={},
+        start=start,
+        target_ids=tuple(config.targets),
+        anti_target_ids=tuple(config.anti_targets),
+        target_logprob=grid() if config.targets else None,
+        anti_target_logprob=grid() if config.anti_targets else None,
+        target_rank=grid(torch.long) if config.targets else None,
+    )
 
-        return cls(
-            top_k_ids=torch.zeros(n_positions, n_tokens, top_k, dtype=torch.long),
-            top_k_probs=torch.zeros(n_positions, n_tokens, top_k),
-            entropy=grid(),
-            kl_to_final=grid(),
-            next_token_rank=grid(torch.long),
-            next_token_prob=grid(),
-            target_logprob=grid() if config.targets else None,
-            anti_target_logprob=grid() if config.anti_targets else None,
-            target_rank=grid(torch.long) if config.targets else None,
-        )
 
-    def fill(
-        self, position: int, columns: slice, logits: Tensor, final: _Final, next_ids: Tensor, config: TrajectoryConfig
-    ) -> None:
-        """Store the statistics of one chunk at one lens position. logits: [c, vocab] float32; next_ids: [c]."""
-        cell = (position, columns)
-        logprobs = torch.log_softmax(logits, dim=-1)  # [c, vocab]
-        self.entropy[cell] = (-torch.linalg.vecdot(logprobs.exp(), logprobs)).clamp_min(0).cpu()
-        self.kl_to_final[cell] = (final.neg_entropy - torch.linalg.vecdot(final.probs, logprobs)).clamp_min(0).cpu()
-        top = logprobs.topk(self.top_k_ids.shape[-1], dim=-1)
-        self.top_k_ids[cell] = top.indices.cpu()
-        self.top_k_probs[cell] = top.values.exp().cpu()
-        has_next = next_ids >= 0
-        next_logprob = logprobs.gather(-1, next_ids.clamp_min(0)[:, None])  # [c, 1]
-        self.next_token_rank[cell] = _rank(logprobs, next_logprob).masked_fill(~has_next, -1).cpu()
-        self.next_token_prob[cell] = next_logprob[:, 0].exp().masked_fill(~has_next, math.nan).cpu()
-        if config.targets:
-            target_logprobs = logprobs[:, list(config.targets)]  # [c, n_targets]
-            self.target_logprob[cell] = target_logprobs.logsumexp(-1).cpu()
-            self.target_rank[cell] = _rank(logprobs, target_logprobs.max(-1, keepdim=True).values).cpu()
-        if config.anti_targets:
-            self.anti_target_logprob[cell] = logprobs[:, list(config.anti_targets)].logsumexp(-1).cpu()
+def _fill(trajectory: Trajectory, cell: tuple[int, slice], logits: Tensor, final: _Final, next_ids: Tensor) -> None:
+    """Store the statistics of one chunk of tokens at one lens position, ``cell = (position, columns)``.
 
-    def trajectory(self, model_name, lens_name, layers, input_ids, next_ids, texts, start, config) -> Trajectory:
-        return Trajectory(
-            model_name=model_name,
-            lens_name=lens_name,
-            layers=layers,
-            input_ids=input_ids,
-            next_ids=next_ids,
-            token_text=texts,
-            start=start,
-            target_ids=tuple(config.targets),
-            anti_target_ids=tuple(config.anti_targets),
-            **vars(self),
-        )
+    logits: [c, vocab] float32; next_ids: [c], -1 where there is no next token.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)  # [c, vocab]
+    # Dot products (vecdot) rather than a product then a sum: one [c, vocab] temporary fewer.
+    trajectory.entropy[cell] = (-torch.linalg.vecdot(logprobs.exp(), logprobs)).clamp_min(0).cpu()
+    trajectory.kl_to_final[cell] = (final.neg_entropy - torch.linalg.vecdot(final.probs, logprobs)).clamp_min(0).cpu()
+    top = logprobs.topk(trajectory.top_k_ids.shape[-1], dim=-1)
+    trajectory.top_k_ids[cell] = top.indices.cpu()
+    trajectory.top_k_probs[cell] = top.values.exp().cpu()
+    has_next = next_ids >= 0
+    next_logprob = logprobs.gather(-1, next_ids.clamp_min(0)[:, None])  # [c, 1]
+    trajectory.next_token_rank[cell] = _rank(logprobs, next_logprob).masked_fill(~has_next, -1).cpu()
+    trajectory.next_token_prob[cell] = next_logprob[:, 0].exp().masked_fill(~has_next, math.nan).cpu()
+    if trajectory.target_ids:
+        target_logprobs = logprobs[:, list(trajectory.target_ids)]  # [c, n_targets]
+        trajectory.target_logprob[cell] = target_logprobs.logsumexp(-1).cpu()
+        trajectory.target_rank[cell] = _rank(logprobs, target_logprobs.max(-1, keepdim=True).values).cpu()
+    if trajectory.anti_target_ids:
+        trajectory.anti_target_logprob[cell] = logprobs[:, list(trajectory.anti_target_ids)].logsumexp(-1).cpu()
 
 
 def _rank(logprobs: Tensor, chosen: Tensor) -> Tensor:
@@ -442,8 +433,10 @@ def _check_ids(input_ids: Sequence[int] | Tensor) -> Tensor:
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1:
-        raise LensLabError(f"input_ids has shape {list(ids.shape)} but one prompt, [tokens] or [1, tokens], was expected; "
-                           "pass one prompt at a time.")
+        raise LensLabError(
+            f"input_ids has shape {list(ids.shape)} but one prompt, [tokens] or [1, tokens], was expected; "
+            "pass one prompt at a time."
+        )
     if ids.numel() == 0:
         raise LensLabError("The prompt is empty; pass some text as the PROMPT argument or with --prompt-file.")
     return ids

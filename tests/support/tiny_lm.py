@@ -1,14 +1,19 @@
 """A small causal LM trained in seconds on synthetic text, for tests that need a *trained* model.
 
 Random tiny models (``tests/tiny_models.py``) say nothing about lens quality: their layers do not
-refine a prediction. This module makes a GPT-2 (4 layers, width 64) that has learnt a toy language
-with structure at several depths:
+refine a prediction. This module trains a GPT-2 (4 layers, width 64, 768 BPE tokens) for about
+25 s on one CPU core on a toy language with structure of several kinds:
 
-- local syntax: determiners, adjectives and subject-verb agreement (``the cat chases`` / ``the cats chase``);
-- memorised facts from a fixed table (``the capital of Varnos is Kelti``), the same for every seed;
-- counting (``three, four, five, six``), a rule the model must apply rather than copy;
-- names and code words chosen per document and repeated within it, which only attention
-  (copying, induction) can predict.
+- local syntax: articles, adjectives and subject-verb agreement (``the cat chases`` / ``the cats chase``);
+- counting (``three, four, five, six``), a rule applied to the previous word;
+- facts from a fixed table (``The capital of Darra is Shiru``), the same for every seed;
+- names and a code word chosen per document and repeated within it, predictable only by copying
+  from context.
+
+With the default recipe the held-out loss falls from 6.66 to 1.54 nats/token (unigram entropy 4.67):
+agreement and counting are learnt (counting ~98% top-1), the facts partly (~17% top-1 on the
+capital), in-context copying not yet (it needs several times more steps). The logit lens's KL to the
+final output falls over depth, roughly 11.7, 1.2, 1.0, 0.4, 0 nats after the embedding and blocks 1-4.
 
 >>> docs = generate_corpus(2, seed=0)
 >>> docs == generate_corpus(2, seed=0) and docs != generate_corpus(2, seed=1)
@@ -17,11 +22,13 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -225,6 +232,22 @@ def read_documents(path: str | Path) -> list[str]:
     return Path(path).read_text(encoding="utf-8").strip().split("\n\n")
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block, then restore the previous count.
+
+    On a busy machine (shared dev boxes, CI beside other jobs) multi-threaded kernels this small
+    wait on each other's preempted threads: two threads measured 6x slower than one. One thread
+    also makes the trained weights independent of the machine's core count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_tiny_lm(
     output_dir: str | Path,
     *,
@@ -256,89 +279,90 @@ def train_tiny_lm(
     Returns:
         ``output_dir`` as a Path.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    documents = generate_corpus(n_documents + n_heldout, seed)
-    train_docs = documents[:n_documents]
-    seen = set(train_docs)
-    heldout_docs = [doc for doc in documents[n_documents:] if doc not in seen]
+    with _one_thread():
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        documents = generate_corpus(n_documents + n_heldout, seed)
+        train_docs = documents[:n_documents]
+        seen = set(train_docs)
+        heldout_docs = [doc for doc in documents[n_documents:] if doc not in seen]
 
-    tokenizer = train_tokenizer(train_docs, vocab_size)
-    tokenizer.model_max_length = n_positions
-    train_chunks = pack(tokenizer, train_docs, n_positions)
-    heldout_chunks = pack(tokenizer, heldout_docs, n_positions)
+        tokenizer = train_tokenizer(train_docs, vocab_size)
+        tokenizer.model_max_length = n_positions
+        train_chunks = pack(tokenizer, train_docs, n_positions)
+        heldout_chunks = pack(tokenizer, heldout_docs, n_positions)
 
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_positions,
-        n_embd=d_model,
-        n_layer=n_layer,
-        n_head=n_head,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        # Dropout only slows a few hundred steps of training on an endless synthetic corpus.
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = GPT2LMHeadModel(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 10)
+        torch.manual_seed(seed)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=n_positions,
+            n_embd=d_model,
+            n_layer=n_layer,
+            n_head=n_head,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+            # Dropout only slows a few hundred steps of training on an endless synthetic corpus.
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        model = GPT2LMHeadModel(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
+        warmup = max(1, steps // 10)
 
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, steps - warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    order = torch.randperm(len(train_chunks), generator=torch.Generator().manual_seed(seed))
-    initial_loss = mean_loss(model, heldout_chunks)
-    logger.info("tiny LM: %d params, held-out loss at start %.3f", model.num_parameters(), initial_loss)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        order = torch.randperm(len(train_chunks), generator=torch.Generator().manual_seed(seed))
+        initial_loss = mean_loss(model, heldout_chunks)
+        logger.info("tiny LM: %d params, held-out loss at start %.3f", model.num_parameters(), initial_loss)
 
-    model.train()
-    start = time.perf_counter()
-    recent: list[float] = []
-    for step in range(steps):
-        index = order[(torch.arange(batch_size) + step * batch_size) % len(order)]
-        batch = train_chunks[index]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        recent = [*recent[-9:], loss.item()]
-        if step % 50 == 0:
-            logger.debug("step %d loss %.3f", step, loss.item())
-    seconds = time.perf_counter() - start
+        model.train()
+        start = time.perf_counter()
+        recent: list[float] = []
+        for step in range(steps):
+            index = order[(torch.arange(batch_size) + step * batch_size) % len(order)]
+            batch = train_chunks[index]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            recent = [*recent[-9:], loss.item()]
+            if step % 50 == 0:
+                logger.debug("step %d loss %.3f", step, loss.item())
+        seconds = time.perf_counter() - start
 
-    metrics = {
-        "seed": seed,
-        "steps": steps,
-        "train_seconds": round(seconds, 2),
-        "initial_heldout_loss": initial_loss,
-        "final_train_loss": sum(recent) / len(recent),
-        "heldout_loss": mean_loss(model, heldout_chunks),
-        "heldout_unigram_entropy": unigram_entropy(heldout_chunks, len(tokenizer)),
-        "log_vocab": math.log(len(tokenizer)),
-        "n_train_tokens_seen": steps * batch_size * n_positions,
-    }
-    logger.info(
-        "tiny LM trained in %.1fs: held-out loss %.3f -> %.3f (unigram entropy %.3f, ln vocab %.3f)",
-        seconds, initial_loss, metrics["heldout_loss"], metrics["heldout_unigram_entropy"], metrics["log_vocab"],
-    )
+        metrics = {
+            "seed": seed,
+            "steps": steps,
+            "train_seconds": round(seconds, 2),
+            "initial_heldout_loss": initial_loss,
+            "final_train_loss": sum(recent) / len(recent),
+            "heldout_loss": mean_loss(model, heldout_chunks),
+            "heldout_unigram_entropy": unigram_entropy(heldout_chunks, len(tokenizer)),
+            "log_vocab": math.log(len(tokenizer)),
+            "n_train_tokens_seen": steps * batch_size * n_positions,
+        }
+        logger.info(
+            "tiny LM trained in %.1fs: held-out loss %.3f -> %.3f (unigram entropy %.3f, ln vocab %.3f)",
+            seconds, initial_loss, metrics["heldout_loss"], metrics["heldout_unigram_entropy"], metrics["log_vocab"],
+        )
 
-    model.eval()
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    _write_documents(output_dir / TRAIN_FILE, train_docs)
-    _write_documents(output_dir / HELDOUT_FILE, heldout_docs)
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    return output_dir
+        model.eval()
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        _write_documents(output_dir / TRAIN_FILE, train_docs)
+        _write_documents(output_dir / HELDOUT_FILE, heldout_docs)
+        (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        return output_dir
 
 
 class TinyLM(NamedTuple):

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -130,9 +131,9 @@ def prediction_depth(view: ModelView, lens: Lens, tokens: Tensor, *, batch_size:
             top1 = torch.stack([lens(h[:, :-1], position).argmax(-1) for position, h in enumerate(residuals.hidden)])
             depths.append(settled_from(top1 == top1[-1]).cpu())
             logits = residuals.logits[:, :-1].float()
-            losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu())
-    result = DepthResult(torch.cat(depths), torch.cat(losses), view.num_layers, math.nan)
-    result.spearman_depth_loss = spearman(result.depths, result.losses)
+            losses.append(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu())
+    depths, losses = torch.cat(depths), torch.cat(losses)
+    result = DepthResult(depths, losses, view.num_layers, spearman(depths, losses))
     logger.info("Mean prediction depth %.2f of %d; Spearman with loss %.3f", result.depths.float().mean(),
                 view.num_layers, result.spearman_depth_loss)  # fmt: skip
     return result

@@ -109,22 +109,17 @@ def choice_features(
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]
         width = max(len(s.ids) for s in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)  # right-padded; the mask hides the padding
         attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
         for row, sequence in enumerate(batch):
             input_ids[row, : len(sequence.ids)] = torch.tensor(sequence.ids)
             attention_mask[row, : len(sequence.ids)] = 1
-        # Where each choice token is predicted: (row, position before it, the token) for every choice token.
-        rows, positions, targets = (
-            torch.tensor(values, dtype=torch.long)
-            for values in zip(
-                *(
-                    (row, t - 1, s.ids[t])
-                    for row, s in enumerate(batch)
-                    for t in range(s.prompt_length, len(s.ids))
-                )
-            )
-        )
+        # Every choice token, flattened over the batch: its row, the position that predicts it, and the token.
+        rows = torch.cat([torch.full((len(s.ids) - s.prompt_length,), row) for row, s in enumerate(batch)])
+        positions = torch.cat([torch.arange(s.prompt_length - 1, len(s.ids) - 1) for s in batch])
+        targets = torch.tensor([token for s in batch for token in s.ids[s.prompt_length :]])
+        prompt_index = [s.prompt_index for s in batch]
+        choice_index = [s.choice_index for s in batch]
         with torch.inference_mode():
             hidden = view.capture(input_ids.to(view.device), attention_mask.to(view.device), need_logits=False).hidden
             for name, lens in lenses.items():
@@ -132,10 +127,9 @@ def choice_features(
                     logits = lens(h[rows, positions], position).float()  # [n_choice_tokens, vocab]
                     token_log_probs = logits.log_softmax(-1).gather(-1, targets.to(logits.device)[:, None])[:, 0]
                     sums = torch.zeros(len(batch)).index_add_(0, rows, token_log_probs.cpu())  # [batch]
-                    for row, sequence in enumerate(batch):
-                        trajectories[name][sequence.prompt_index, position, sequence.choice_index] = sums[row]
-            for row, sequence in enumerate(batch):
-                final_residual[sequence.prompt_index] = hidden[-1][row, sequence.prompt_length - 1].float().cpu().numpy()
+                    trajectories[name][prompt_index, position, choice_index] = sums.numpy()
+            last_prompt_token = torch.tensor([s.prompt_length - 1 for s in batch])
+            final_residual[prompt_index] = hidden[-1][torch.arange(len(batch)), last_prompt_token].float().cpu().numpy()
     for name, values in trajectories.items():
         # Normalised over the choices: a distribution over the same answers at every lens position.
         trajectories[name] = torch.from_numpy(values).log_softmax(-1).numpy()
@@ -222,19 +216,9 @@ def detect_anomalies(
     resamples: int = 1000,
 ) -> DetectionReport:
     """Fit every detector on ``normal`` and score ``test`` against the boolean ``anomalous: [n_test]``."""
-    n_normal, n_anomalous = int((~anomalous).sum()), int(anomalous.sum())
-    if len(normal.final_residual) < 2:
-        raise LensLabError(
-            f"Got {len(normal.final_residual)} normal prompt(s) to fit the detectors on; pass --normal at least 2 "
-            "(tens or more for a meaningful fit)."
-        )
-    if n_normal == 0 or n_anomalous == 0:
-        raise LensLabError(
-            f"The test set holds {n_anomalous} anomalous and {n_normal} normal prompts, so AUROC is undefined; label "
-            "both kinds in --test (see `lenslab detect make-attacks`)."
-        )
     if len(anomalous) != len(test.final_residual):
         raise LensLabError(f"Got {len(anomalous)} labels for {len(test.final_residual)} test prompts; label each once.")
+    _check_sizes(len(normal.final_residual), anomalous)
     detectors = {}
     for name, trajectories in normal.trajectories.items():
         train, scored = trajectories.reshape(len(trajectories), -1), test.trajectories[name]
@@ -248,8 +232,8 @@ def detect_anomalies(
     return DetectionReport(
         detectors=detectors,
         n_normal=len(normal.final_residual),
-        n_test_normal=n_normal,
-        n_test_anomalous=n_anomalous,
+        n_test_normal=int((~anomalous).sum()),
+        n_test_anomalous=int(anomalous.sum()),
         bootstrap={"resamples": resamples, "seed": seed, "method": "stratified percentile"},
     )
 
@@ -279,6 +263,8 @@ def run_detection(
         raise LensLabError(
             f"Test prompt {unlabelled[0] + 1} has no 'label'; give every --test record label 'normal' or 'anomalous'."
         )
+    anomalous = np.array([prompt.label == "anomalous" for prompt in test])
+    _check_sizes(len(normal), anomalous)  # before the model runs
     # Scored together so that one check covers the number of choices in both sets.
     features = choice_features(view, tokenizer, lenses, normal + test, batch_size=batch_size)
     split = len(normal)
@@ -288,5 +274,19 @@ def run_detection(
     test_features = PromptFeatures(
         {name: values[split:] for name, values in features.trajectories.items()}, features.final_residual[split:]
     )
-    anomalous = np.array([prompt.label == "anomalous" for prompt in test])
     return detect_anomalies(normal_features, test_features, anomalous, seed=seed, resamples=resamples)
+
+
+def _check_sizes(n_normal: int, anomalous: np.ndarray) -> None:
+    """Enough normal prompts to fit on, and both kinds in the test set (AUROC needs both)."""
+    if n_normal < 2:
+        raise LensLabError(
+            f"Got {n_normal} normal prompt(s) to fit the detectors on; pass --normal at least 2 (tens or more for a "
+            "meaningful fit)."
+        )
+    n_anomalous = int(anomalous.sum())
+    if n_anomalous in (0, len(anomalous)):
+        raise LensLabError(
+            f"The test set holds {n_anomalous} anomalous and {len(anomalous) - n_anomalous} normal prompts, so AUROC "
+            "is undefined; label both kinds in --test (see `lenslab make-attacks`)."
+        )

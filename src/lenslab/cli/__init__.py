@@ -16,7 +16,7 @@ from lenslab import __version__
 from lenslab.errors import LensLabError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS: list[str] = ["train", "eval"]
+SUBCOMMANDS: list[str] = ["train", "eval", "show", "detect", "depth", "transfer"]
 
 
 def build_parser() -> argparse.ArgumentParser:

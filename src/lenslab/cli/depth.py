@@ -1,13 +1,16 @@
 """`lenslab depth`: prediction depth of every token, its correlation with loss and with training order.
 
     lenslab depth --model M --lens DIR --data text.txt --output depth.json
-    lenslab depth --model M --lens DIR --data text.txt --output depth.json --checkpoints step1000 step2000 M
+    lenslab depth --model M --lens DIR --data text.txt --output depth.json --checkpoints ckpt/step1000 ckpt/step2000 M
+    lenslab depth --model EleutherAI/pythia-160m --lens DIR --data text.txt --output depth.json \
+        --checkpoint-revisions step1000 step10000 step143000
 
 Writes `DepthResult.to_json()` (per-token depths and losses, chunk after chunk, the depth histogram and the
 Spearman correlations) plus the data's provenance, a histogram PNG next to it (or at `--plot`), and prints the
 histogram as a table. Without `--lens` the depths are those of the logit lens. `--checkpoints` are the model's
-training checkpoints in training order (hub ids, `--revision`-free, or local directories); each token's
-learning checkpoint is the first from which the checkpoint's top-1 prediction is right and stays right.
+training checkpoints in training order (hub ids or local directories), or `--checkpoint-revisions` the hub
+revisions of `--model` that hold them (Pythia's `step1000`, ...); each token's learning checkpoint is the first
+from which the checkpoint's top-1 prediction is right and stays right.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args
-from lenslab.errors import LensLabError
+from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, load_model_from_args, positive_int
 
 if TYPE_CHECKING:
     from lenslab.applications.depth import DepthResult
@@ -46,19 +48,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lens", type=Path, metavar="DIR", help="trained tuned lens (default: the logit lens)")
     add_data_args(parser)
     parser.add_argument(
-        "--tokens", "--heldout-tokens", dest="tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+        "--tokens", "--heldout-tokens", dest="tokens", type=positive_int, default=DEFAULT_TOKENS, metavar="N",
         help=f"held-out tokens to score, from the start of the data (default {DEFAULT_TOKENS})",
     )  # fmt: skip
-    parser.add_argument(
+    checkpoints = parser.add_mutually_exclusive_group()
+    checkpoints.add_argument(
         "--checkpoints", nargs="+", default=None, metavar="MODEL",
         help="the model's training checkpoints in training order (hub ids or directories, same tokenizer)",
     )  # fmt: skip
+    checkpoints.add_argument(
+        "--checkpoint-revisions", nargs="+", default=None, metavar="REVISION",
+        help="the checkpoints as hub revisions of --model in training order (e.g. Pythia's step1000 step2000 ...)",
+    )  # fmt: skip
     parser.add_argument(
-        "--batch-size", type=int, default=None, metavar="N",
+        "--batch-size", type=positive_int, default=None, metavar="N",
         help=f"sequences per forward pass (default: about {BATCH_TOKENS} tokens' worth)",
     )  # fmt: skip
-    parser.add_argument("--output", "-o", type=Path, required=True, metavar="FILE.json", help="where to write the depths")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="where to write the histogram PNG (default: FILE.png)")
+    parser.add_argument(
+        "--output", "-o", type=Path, required=True, metavar="FILE.json", help="where to write the depths"
+    )
+    parser.add_argument(
+        "--plot", type=Path, metavar="PATH", help="where to write the histogram PNG (default: FILE.png)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -71,13 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from lenslab.lenses import LogitLens, TunedLens
     from lenslab.loading import load_model
 
-    if args.tokens < 1:
-        raise LensLabError(f"--tokens is {args.tokens}; pass a positive number of held-out tokens to score.")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise LensLabError(f"--batch-size is {args.batch_size}; pass 1 or more.")
     plot_path = args.plot or args.output.with_suffix(".png")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-                        trust_remote_code=args.trust_remote_code)  # fmt: skip
+    loaded = load_model_from_args(args)
     view = ModelView.from_model(loaded.model)
     lens = TunedLens.load(args.lens, view) if args.lens else LogitLens(view)
     data = prepare_tokens(
@@ -86,14 +92,17 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     batch_size = args.batch_size or max(1, BATCH_TOKENS // data.seq_len)
     result = prediction_depth(view, lens, data.heldout, batch_size=batch_size)
-    if args.checkpoints:
+    if args.checkpoints or args.checkpoint_revisions:
+        sources = [(name, None) for name in args.checkpoints or []]
+        sources += [(args.model, revision) for revision in args.checkpoint_revisions or []]
         # One checkpoint in memory at a time: each is loaded when the previous one is done.
         models = (
-            load_model(name, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code).model
-            for name in args.checkpoints
-        )
+            load_model(name, dtype=args.dtype, device=args.device, revision=revision,
+                       trust_remote_code=args.trust_remote_code).model
+            for name, revision in sources
+        )  # fmt: skip
         learned = learned_checkpoint(models, data.heldout, batch_size=batch_size)
-        result = add_learning_order(result, learned, list(args.checkpoints))
+        result = add_learning_order(result, learned, args.checkpoints or args.checkpoint_revisions)
 
     print_histogram(result, lens_kind=lens.kind)
     plot_histogram(result, plot_path, title=f"{view.model.config.name_or_path}: {lens.kind} lens")

@@ -1,17 +1,19 @@
 """`lenslab detect`: detect attacked prompts from the trajectories of multiple-choice predictions.
 
     lenslab detect --model M --lens DIR --normal normal.jsonl --test test.jsonl --output report.json
-    lenslab detect make-attacks --input mc.jsonl --output test.jsonl --kind injection --fraction 0.5 --seed 0
+    lenslab make-attacks --input mc.jsonl --output test.jsonl --kind injection --fraction 0.5 --seed 0
 
 The first form fits Isolation Forest and Local Outlier Factor detectors on the choice-probability trajectories
 of the normal prompts (tuned lens, logit lens or both: `--features`), scores the labelled test prompts, prints
 an AUROC table with bootstrap 95% intervals (the Mahalanobis distance of the final residual is the baseline)
 and writes it as JSON: ``{"detectors": {"tuned/isolation_forest": {"auroc": ..., "ci95": [lo, hi]}, ...}}``.
 
-`make-attacks` turns any multiple-choice JSONL (``{"prompt", "choices", "answer"}`` per line) into a labelled test
-set by attacking a share of it with an injected instruction or with wrongly answered few-shot demonstrations;
-with `--fraction 0` it builds the matching normal set (from other records). See
-`lenslab.applications.attacks` and `lenslab.applications.prompts` for the formats.
+`lenslab make-attacks`, registered here because it serves only `detect`, turns any multiple-choice JSONL
+(``{"prompt", "choices", "answer"}`` per line) into a labelled test set by attacking a share of it with an
+injected instruction or with wrongly answered few-shot demonstrations; with `--fraction 0` it builds the
+matching normal set (from other records). See
+`lenslab.applications.attacks` and `lenslab.applications.prompts` for the formats. It is a subcommand of its own,
+not `lenslab detect make-attacks`, because `detect` requires `--model` and `make-attacks` needs no model.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from lenslab.cli.common import add_model_args
+from lenslab.cli.common import add_model_args, load_model_from_args, positive_int
 from lenslab.errors import LensLabError
 
 if TYPE_CHECKING:
@@ -39,10 +41,10 @@ FEATURES = ("both", "tuned", "logit")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "detect",
-        help="detect attacked prompts from prediction trajectories (and build attacked test sets)",
+        help="detect attacked prompts from the trajectories of multiple-choice predictions",
         description="Fit anomaly detectors on the layer-by-layer choice probabilities of normal multiple-choice "
         "prompts and report their AUROC on a labelled test set, beside a Mahalanobis baseline on the final "
-        "residual. `lenslab detect make-attacks --help` builds a test set from any multiple-choice file.",
+        "residual. `lenslab make-attacks` builds a labelled test set from any multiple-choice file.",
     )
     add_model_args(parser)
     parser.add_argument("--lens", type=Path, metavar="DIR", help="trained tuned lens of --model")
@@ -50,20 +52,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--features", choices=FEATURES, default=None,
         help="trajectories to detect from (default: both with --lens, else logit)",
     )  # fmt: skip
-    parser.add_argument("--normal", type=Path, metavar="FILE.jsonl", help="normal prompts to fit the detectors on")
-    parser.add_argument("--test", type=Path, metavar="FILE.jsonl", help="test prompts, each labelled normal or anomalous")
-    parser.add_argument("--output", "-o", type=Path, metavar="FILE.json", help="where to write the AUROC report")
+    parser.add_argument(
+        "--normal", type=Path, required=True, metavar="FILE.jsonl", help="normal prompts to fit the detectors on"
+    )
+    parser.add_argument(
+        "--test", type=Path, required=True, metavar="FILE.jsonl", help="test prompts, each labelled normal or anomalous"
+    )
+    parser.add_argument(
+        "--output", "-o", type=Path, required=True, metavar="FILE.json", help="where to write the AUROC report"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds Isolation Forest and the bootstrap (default 0)")
     parser.add_argument(
-        "--resamples", type=int, default=1000, metavar="N", help="bootstrap resamples for the 95%% intervals"
+        "--resamples", type=positive_int, default=1000, metavar="N", help="bootstrap resamples for the 95%% intervals"
     )
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="sequences per forward pass")
     parser.set_defaults(run=run)
 
-    actions = parser.add_subparsers(dest="detect_action", metavar="ACTION", title="actions")
-    attacks = actions.add_parser(
+    attacks = subparsers.add_parser(
         "make-attacks",
-        help="build a labelled test set by attacking part of a multiple-choice JSONL",
+        help="build a labelled test set for `lenslab detect` by attacking part of a multiple-choice JSONL",
         description="Attack a share of the records of a multiple-choice JSONL ({'prompt', 'choices', 'answer'} per "
         "line) and label every record normal or anomalous. injection: an instruction to answer a wrong choice "
         "before the prompt's last line. fewshot: demonstrations from other records, answered correctly for normal "
@@ -86,22 +93,14 @@ def run(args: argparse.Namespace) -> int:
     from lenslab.applications.prompts import read_choice_prompts
     from lenslab.artifacts import atomic_write_json
     from lenslab.lenses import LogitLens, TunedLens
-    from lenslab.loading import load_model
 
-    missing = [flag for flag, value in (("--normal", args.normal), ("--test", args.test), ("--output", args.output))
-               if value is None]  # fmt: skip
-    if missing:
-        raise LensLabError(f"lenslab detect needs {', '.join(missing)}; pass them (see lenslab detect --help).")
     features = args.features or ("both" if args.lens else "logit")
     if features != "logit" and args.lens is None:
         raise LensLabError(f"--features {features} needs a tuned lens; pass --lens DIR or --features logit.")
-    if args.resamples < 1 or args.batch_size < 1:
-        raise LensLabError("--resamples and --batch-size must be positive; pass 1 or more.")
     # The prompt files are read first: a malformed file fails before the model loads.
     normal = read_choice_prompts(args.normal, "--normal")
     test = read_choice_prompts(args.test, "--test")
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
-                        trust_remote_code=args.trust_remote_code)  # fmt: skip
+    loaded = load_model_from_args(args)
     view = ModelView.from_model(loaded.model)
     lenses = {}
     if features in ("both", "tuned"):

@@ -4,7 +4,7 @@
     lenslab transfer --lens lenses/base --model my-finetuned-model --own-lens lenses/finetuned --data ...
 
 The base lens is loaded with the unembedding fingerprint check relaxed to shapes (same layers and width), and
-the CLI says so. It is scored beside the fine-tuned model's logit lens (``logit``) and, with `--own-lens`, a
+a logged warning says so. It is scored beside the fine-tuned model's logit lens (``logit``) and, with `--own-lens`, a
 tuned lens trained on the fine-tuned model itself (``own_tuned``); the base lens is ``base_tuned``. The JSON,
 table and PNG are those of `lenslab eval`, plus a ``lens_transfer`` record of what was relaxed.
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from rich.console import Console
 
 from lenslab.cli.common import add_data_args, add_model_args, load_model_from_args
 from lenslab.cli.eval import add_output_args, evaluate_to_files
@@ -44,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model_from_args(args)
     view = ModelView.from_model(loaded.model)
     # Lenses load before the data is read, so a lens of the wrong shape fails at once.
+    # transfer_lenses logs a warning that the fingerprint check is relaxed; the CLI's logging shows it.
     lenses, note = transfer_lenses(view, args.lens, own_lens_dir=args.own_lens)
-    Console(stderr=True).print(f"[yellow]Note:[/yellow] {note['message']}")
     paths = {BASE_TUNED: str(args.lens)} | ({OWN_TUNED: str(args.own_lens)} if args.own_lens else {})
     return evaluate_to_files(args, loaded, view, lenses, record={"lens_paths": paths, "lens_transfer": note})

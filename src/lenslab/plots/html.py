@@ -80,17 +80,18 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
         decades = range(0, math.ceil(math.log10(high)) + 1)
         colorbar |= {"tickvals": list(decades), "ticktext": [f"{10**d:,}" for d in decades]}
     fig.update_layout(
-        title={"text": f"{html.escape(first.model_name)}: {statistic.label}", "x": 0.01},
+        title={"text": f"{html.escape(first.model_name)}: {statistic.label}", "x": 0.01, "y": 0.98,
+               "yref": "container", "yanchor": "top"},
         coloraxis={"colorscale": statistic.colormap, "cmin": transform(low), "cmax": transform(high), "colorbar": colorbar},
         width=max(700, len(trajectories) * n_tokens * CELL_WIDTH + 300),
         height=max(420, n_positions * CELL_HEIGHT + 260),
-        margin={"t": 150, "b": 110},
+        margin={"t": 160, "b": 110},
         hoverlabel={"align": "left", "font": {"family": "monospace"}},
         plot_bgcolor="white",
     )
-    # Subplot titles are annotations too; lift them above the next-token row.
+    # Subplot titles are annotations too; lift them above the next-token row, below the figure title.
     for title in fig.layout.annotations[: len(trajectories)]:
-        title.yshift = 70
+        title.yshift = 75
     return fig
 
 

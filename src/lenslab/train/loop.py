@@ -155,20 +155,7 @@ def train_lens(
     for step in range(first_step, config.steps):
         started = time.perf_counter()
         indices = step_indices(step, per_step, num_sequences, config.seed)[processes.rank :: processes.world_size]
-        local_tokens = len(indices) * seq_len
-        layer_sums = torch.zeros(view.num_layers, device=view.device)
-        for batch in indices.split(micro_batch):
-            input_ids = tokens[batch].to(view.device)
-            with torch.no_grad():
-                # Packed sequences have no padding; the explicit mask only tells transformers so, since the
-                # separator token is often also the pad token and would otherwise draw a warning.
-                residuals = view.capture(input_ids, torch.ones_like(input_ids))
-            target = final_target(residuals.logits)
-            del residuals.hidden[-1]  # the last position has no translator; free it early
-            # Scaling each backward by 1 / tokens makes the accumulated gradient that of the mean over the step.
-            layer_sums += backward_by_layer(lens, residuals.hidden, target, 1.0 / local_tokens, autocast)
-            del residuals, target
-        layer_losses = layer_sums / local_tokens  # [L] mean KL per token on this process
+        layer_losses = _accumulate_gradients(view, lens, tokens[indices], micro_batch, autocast)
         grads = [param.grad for param in params if param.grad is not None]
         processes.average([layer_losses, *grads])
         grad_norm = torch.nn.utils.get_total_norm(grads)
@@ -185,9 +172,11 @@ def train_lens(
             elapsed=elapsed,
         )  # fmt: skip
         history.append(record)
+        # No checkpoint after the last step: the finished lens is saved instead.
+        checkpoint_due = config.checkpoint_every and record.step % config.checkpoint_every == 0 and record.step < config.steps
         if output_dir is not None and processes.is_main:
             checkpoints.append_log(output_dir, asdict(record))
-            if config.checkpoint_every and record.step % config.checkpoint_every == 0 and record.step < config.steps:
+            if checkpoint_due:
                 checkpoints.save_checkpoint(
                     output_dir,
                     checkpoints.Checkpoint(
@@ -196,7 +185,8 @@ def train_lens(
                         rng=checkpoints.capture_rng(),
                     ),
                 )  # fmt: skip
-                checkpoint_step = record.step
+        if output_dir is not None and checkpoint_due:
+            checkpoint_step = record.step  # on every process, so that any of them can name it in an error
         bar.set_postfix(loss=f"{record.loss:.4g}", tok_s=f"{record.tokens_per_second:,.0f}", refresh=False)
         bar.update()
         if on_step is not None:
@@ -214,9 +204,31 @@ def train_lens(
     if output_dir is not None and processes.is_main:
         lens.save(output_dir, **lens.metadata)
         checkpoints.remove_checkpoint(output_dir)
-        log.info("Saved the tuned lens to %s", output_dir)
+        log.debug("Saved the tuned lens to %s", output_dir)
     processes.barrier()
     return TrainResult(lens=lens, history=history)
+
+
+def _accumulate_gradients(
+    view: ModelView, lens: TunedLens, tokens: torch.Tensor, micro_batch: int, autocast: contextlib.AbstractContextManager
+) -> torch.Tensor:
+    """Add to the lens's `.grad`s the gradient of the step's loss on this process's `tokens`: [n, seq_len];
+    returns the mean KL per token at each lens position 0..L-1: [L]."""
+    scale = 1.0 / tokens.numel()  # each backward scaled so that the accumulated gradient is that of the mean
+    layer_sums = torch.zeros(view.num_layers, device=view.device)
+    for batch in tokens.split(micro_batch):
+        input_ids = batch.to(view.device)
+        with torch.no_grad():
+            # Packed sequences have no padding; the explicit mask only tells transformers so, since the
+            # separator token is often also the pad token and would otherwise draw a warning.
+            residuals = view.capture(input_ids, torch.ones_like(input_ids))
+        target = final_target(residuals.logits)
+        hidden = residuals.hidden
+        del residuals  # the model's logits have served: one [batch, seq, vocab] tensor fewer during the backward
+        layer_sums += backward_by_layer(lens, hidden, target, scale, autocast)
+        # Freed before the next forward, so two batches' [batch, seq, vocab] tensors are never alive at once.
+        del hidden, target
+    return layer_sums / tokens.numel()
 
 
 def _check_tokens(view: ModelView, tokens: torch.Tensor) -> None:
