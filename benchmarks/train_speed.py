@@ -32,6 +32,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+INTERNAL_FLAGS = ("worker", "lens_dir", "train_jsonl")
+"""Flags the main process passes to its workers, not settings of the benchmark."""
 RESULT_PREFIX = "RESULT "
 """Workers print their result as one JSON line after this prefix (tuned-lens prints much else on stdout)."""
 
@@ -39,14 +41,23 @@ RESULT_PREFIX = "RESULT "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="/work/shared/models/austen-gpt2-6l", help="local model directory")
-    parser.add_argument("--data", default="/work/shared/data/austen.txt", help="text file, documents separated by blank lines")
+    parser.add_argument(
+        "--data", default="/work/shared/data/austen.txt", help="text file, documents separated by blank lines"
+    )
     parser.add_argument("--steps", type=int, default=8, help="optimiser steps (default: %(default)s)")
     parser.add_argument("--tokens-per-step", type=int, default=2**12, help="(default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass, both trainers (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--heldout-tokens", type=int, default=2**13, help="tokens scored for the KL (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per forward pass, both trainers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--heldout-tokens", type=int, default=2**13, help="tokens scored for the KL (default: %(default)s)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per trainer, to leave cores to others (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads per trainer, to leave cores to others (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--tuned-lens-python", type=Path, default=None, help="a Python with tuned-lens 0.2.0 installed")
     parser.add_argument(
         "--tuned-lens-tokenizer-type", default="gpt2",
@@ -115,7 +126,7 @@ def lenslab_worker(args: argparse.Namespace) -> dict:
 def tuned_lens_worker(args: argparse.Namespace) -> dict:
     """Train with tuned-lens 0.2.0's own loop (`tuned_lens.scripts.train_loop.Train`), timed from after its setup."""
     import torch
-    import tuned_lens.scripts.ingredients as ingredients
+    from tuned_lens.scripts import ingredients
     from tuned_lens.scripts.train_loop import Train
 
     torch.set_num_threads(args.threads)
@@ -154,7 +165,7 @@ def run_worker(python: Path | str, name: str, args: argparse.Namespace, lens_dir
         "--tuned-lens-tokenizer-type", args.tuned_lens_tokenizer_type,
     ]  # fmt: skip
     print(f"training with {name} ...", file=sys.stderr, flush=True)
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)  # failures reported below
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if completed.returncode != 0 or not lines:
         sys.exit(f"{name} worker failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
@@ -224,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
             training_documents(args, train_jsonl)
         runs = {"lenslab": run_worker(sys.executable, "lenslab", args, scratch / "lenslab", train_jsonl)}
         if args.tuned_lens_python:
-            runs["tuned-lens"] = run_worker(args.tuned_lens_python, "tuned-lens", args, scratch / "tuned-lens", train_jsonl)
+            runs["tuned-lens"] = run_worker(
+                args.tuned_lens_python, "tuned-lens", args, scratch / "tuned-lens", train_jsonl
+            )
         kl = heldout_kl(args, {name: scratch / name for name in runs})
 
     print(f"\n{args.steps} steps x {args.tokens_per_step} tokens, seq_len {args.seq_len}, batch {args.batch_size}, "
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         record = {
             "date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-            "settings": {key: str(value) for key, value in vars(args).items() if key not in ("worker", "lens_dir", "train_jsonl")},
+            "settings": {key: str(value) for key, value in vars(args).items() if key not in INTERNAL_FLAGS},
             "runs": runs, "heldout_kl": kl,
         }  # fmt: skip
         args.output.write_text(json.dumps(record, indent=2) + "\n")

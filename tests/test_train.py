@@ -38,7 +38,7 @@ def tokens() -> torch.Tensor:
 
 def small_config(**overrides) -> TrainConfig:
     """A few steps of 8 sequences, in micro-batches of 4: fast, and exercising gradient accumulation."""
-    settings = dict(steps=6, tokens_per_step=8 * SEQ_LEN, batch_size=4, checkpoint_every=2) | overrides
+    settings = {"steps": 6, "tokens_per_step": 8 * SEQ_LEN, "batch_size": 4, "checkpoint_every": 2} | overrides
     return TrainConfig(**settings)
 
 
@@ -172,7 +172,7 @@ def test_every_config_field_is_a_cli_flag():
 
 def test_training_lowers_heldout_kl_on_a_trained_model(tiny_lm):
     view = ModelView.from_model(tiny_lm.model)
-    chunks = tiny_lm.tokenizer(open(tiny_lm.train_text_path).read()[:60_000])["input_ids"]
+    chunks = tiny_lm.tokenizer(tiny_lm.train_text_path.read_text()[:60_000])["input_ids"]
     chunks = torch.tensor(chunks[: len(chunks) // 32 * 32]).view(-1, 32)
     train, heldout = chunks[:-16], chunks[-16:]
     result = train_lens(view, train, TrainConfig(steps=30, tokens_per_step=16 * 32, batch_size=16), progress=False)
@@ -220,7 +220,9 @@ def test_resume_after_interruption_gives_the_same_lens(view, tokens, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train_lens(view, tokens, small_config(), output_dir=tmp_path / "b", progress=False, on_step=kill_after_step_three)
+        train_lens(
+            view, tokens, small_config(), output_dir=tmp_path / "b", progress=False, on_step=kill_after_step_three
+        )
     assert load_checkpoint(tmp_path / "b").step == 2
     resumed_steps = []
     resumed = train_lens(
@@ -266,13 +268,17 @@ def test_output_directory_of_another_configuration_is_refused(view, tokens, tmp_
     assert (tmp_path / "params.safetensors").read_bytes() == before
 
     steps_run = []
-    again = train_lens(view, tokens, small_config(steps=2), output_dir=tmp_path, progress=False, on_step=steps_run.append)
+    again = train_lens(
+        view, tokens, small_config(steps=2), output_dir=tmp_path, progress=False, on_step=steps_run.append
+    )
     assert steps_run == [] and len(again.history) == 2  # the same run, already finished: loaded, not retrained
     assert_same_lens(again.lens, first.lens, atol=0)
     with pytest.raises(LensLabError, match="resuming is off; pass --overwrite"):
         train_lens(view, tokens, small_config(steps=2), output_dir=tmp_path, progress=False, resume=False)
 
-    replaced = train_lens(view, tokens, small_config(steps=2, lr=0.5), output_dir=tmp_path, progress=False, overwrite=True)
+    replaced = train_lens(
+        view, tokens, small_config(steps=2, lr=0.5), output_dir=tmp_path, progress=False, overwrite=True
+    )
     assert_same_lens(TunedLens.load(tmp_path, view), replaced.lens, atol=0)
 
 
@@ -302,13 +308,19 @@ def test_bias_free_lens_trains(view, tokens):
 
 def test_cli_trains_a_lens_end_to_end(tiny_lm, tmp_path, capsys):
     output = tmp_path / "lens"
-    args = ["train", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.train_text_path), "--output", str(output),
-            "--steps", "3", "--tokens-per-step", "256", "--seq-len", "64", "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    args = ["train", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.train_text_path),
+            "--output", str(output), "--steps", "3", "--tokens-per-step", "256", "--seq-len", "64",
+            "--batch-size", "2", "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
     lens = TunedLens.load(output, tiny_lm.model)
     assert lens.metadata["training"]["config"]["steps"] == 3 and lens.metadata["data"]["seq_len"] == 64
     assert len((output / LOG_FILE).read_text().splitlines()) == 3
-    assert str(output) in capsys.readouterr().out
+    assert f"Saved the tuned lens to {output}: 3 steps" in capsys.readouterr().out
+    before = (output / "params.safetensors").read_bytes()
+    assert main(args) == 0  # the same command again finds the finished lens and leaves it as it is
+    assert (output / "params.safetensors").read_bytes() == before
+    assert main([*args, "--lr", "0.5"]) == 2
+    assert "different configuration (differing in config.lr)" in capsys.readouterr().err
 
 
 def test_cli_reports_too_little_data_with_exit_code_2(tiny_lm, tmp_path, capsys):

@@ -50,6 +50,7 @@ def _worker(rank: int, world_size: int, port: int, root: Path) -> None:
         shutdown_distributed()
 
 
+@pytest.mark.slow  # two fresh interpreters import torch and transformers: about half a minute on 2 cores
 def test_two_gloo_processes_train_the_same_lens_as_one(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
 

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, positive_int
 from lenslab.cli.eval import DEFAULT_TOKENS as EVAL_TOKENS
+
+if TYPE_CHECKING:
+    from lenslab.train import StepRecord
 
 
 def non_negative_int(text: str) -> int:
@@ -42,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(parser)
     add_data_args(parser)
-    parser.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="directory for the lens, log and checkpoints")  # fmt: skip
+    parser.add_argument(
+        "--output", "-o", type=Path, required=True, metavar="DIR", help="directory for the lens, log and checkpoints"
+    )
     parser.add_argument(
         "--train-tokens", type=positive_int, default=None, metavar="N",
         help="training tokens to read (default: --steps x --tokens-per-step, so no text is read twice)",
@@ -63,17 +70,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sequences per forward pass in each process; lower it if memory runs out (default: about 8192 tokens)",
     )  # fmt: skip
     group.add_argument("--recipe", default=defaults.recipe, help="how the lens is updated (default: %(default)s)")
-    group.add_argument("--optimizer", choices=("sgd", "adam"), default=defaults.optimizer, help="(default: %(default)s)")
+    group.add_argument(
+        "--optimizer", choices=("sgd", "adam"), default=defaults.optimizer, help="(default: %(default)s)"
+    )
     group.add_argument(
         "--lr", type=float, default=None,
         help="effective learning rate (default: 1.0 for sgd, whose momentum gain is divided out; 1e-3 for adam)",
     )  # fmt: skip
-    group.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum or Adam beta1 (default: %(default)s)")  # fmt: skip
+    group.add_argument(
+        "--momentum", type=float, default=defaults.momentum, help="SGD momentum or Adam beta1 (default: %(default)s)"
+    )
     group.add_argument(
         "--weight-decay", type=float, default=defaults.weight_decay,
         help="pulls the translators toward the identity (default: %(default)s)",
     )  # fmt: skip
-    group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping (default: %(default)s)")  # fmt: skip
+    group.add_argument(
+        "--max-grad-norm", type=float, default=defaults.max_grad_norm,
+        help="gradients are clipped to this global norm (default: %(default)s)",
+    )  # fmt: skip
     group.add_argument(
         "--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 0 for sgd, steps/5 for adam)"
     )
@@ -97,8 +111,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `lenslab --help` does not pay for torch and transformers.
-    from rich.console import Console
-
     from lenslab.adapter import ModelView
     from lenslab.data import default_seq_len, prepare_tokens
     from lenslab.loading import load_model
@@ -114,16 +126,18 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
     )  # fmt: skip
     device = init_distributed(args.device)
+    processes = Processes.current()
     try:
-        processes = Processes.current()
         loaded = load_model(args.model, dtype=args.dtype, device=device, revision=args.revision,
                             trust_remote_code=args.trust_remote_code)  # fmt: skip
         view = ModelView.from_model(loaded.model)
         seq_len = args.seq_len or default_seq_len(loaded.model, loaded.tokenizer)
         per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
+        # By default exactly the tokens the steps read, so that no sequence is read twice.
+        train_tokens = args.train_tokens or config.steps * per_step * seq_len
         data = prepare_tokens(
-            data_spec_from_args(args), loaded.tokenizer, train_tokens=args.train_tokens or config.steps * per_step * seq_len,
-            heldout_tokens=args.heldout_tokens, seq_len=seq_len, seed=args.seed, model=loaded.model,
+            data_spec_from_args(args), loaded.tokenizer, train_tokens=train_tokens, heldout_tokens=args.heldout_tokens,
+            seq_len=seq_len, seed=args.seed, model=loaded.model,
         )  # fmt: skip
         metadata = {
             "model": args.model,
@@ -137,14 +151,28 @@ def run(args: argparse.Namespace) -> int:
             view, data.train, config, output_dir=args.output, resume=args.resume, overwrite=args.overwrite,
             metadata=metadata,
         )  # fmt: skip
+    except KeyboardInterrupt:
+        if processes.is_main:
+            print(
+                f"Interrupted; run the same command again to resume from the last checkpoint in {args.output}.",
+                file=sys.stderr,
+            )
+        return 130
     finally:
         shutdown_distributed()
     if processes.is_main:
-        last = result.history[-1]
-        mean_kl = last.loss / len(last.layer_losses)
-        Console().print(
-            f"Saved the tuned lens to {args.output}: {last.step} steps, {last.tokens:,} tokens, final loss "
-            f"{last.loss:.4f} nats ({mean_kl:.4f} per layer, {mean_kl * data.nats_to_bits_per_byte:.4f} bits/byte), "
-            f"{last.elapsed:,.0f} s of training."
-        )
+        print(_summary(args.output, result.history, data.nats_to_bits_per_byte))
     return 0
+
+
+def _summary(output: Path, history: list[StepRecord], nats_to_bits_per_byte: float) -> str:
+    """One line on the finished run: where the lens is, how long it trained and the loss it reached."""
+    if not history:  # a finished lens found in --output, its log gone
+        return f"{output} already holds the tuned lens of this configuration."
+    last = history[-1]
+    mean_kl = last.loss / len(last.layer_losses)
+    return (
+        f"Saved the tuned lens to {output}: {last.step} steps, {last.tokens:,} tokens, final loss {last.loss:.4f} "
+        f"nats ({mean_kl:.4f} per layer, {mean_kl * nats_to_bits_per_byte:.4f} bits/byte), "
+        f"{last.elapsed:,.0f} s of training."
+    )

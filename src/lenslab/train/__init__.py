@@ -14,7 +14,8 @@ The package follows the pieces of a run, each readable alone:
 >>> from lenslab.data import DataSpec, prepare_tokens                  # doctest: +SKIP
 >>> model, tokenizer = load_model("gpt2")                              # doctest: +SKIP
 >>> data = prepare_tokens(DataSpec("corpus.txt"), tokenizer, train_tokens=2**22, heldout_tokens=2**16)  # doctest: +SKIP
->>> result = train_lens(ModelView.from_model(model), data.train, TrainConfig(steps=16, tokens_per_step=2**18))  # doctest: +SKIP
+>>> config = TrainConfig(steps=16, tokens_per_step=2**18)                # doctest: +SKIP
+>>> result = train_lens(ModelView.from_model(model), data.train, config)  # doctest: +SKIP
 """
 
 from importlib import import_module

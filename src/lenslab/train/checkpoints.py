@@ -147,10 +147,10 @@ class Start(NamedTuple):
 
 def plan_start(output_dir: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool) -> Start:
     """Decide how to start in `output_dir`; raises rather than touch a different run's files unless `overwrite`."""
-    lens_fingerprint = finished_lens_fingerprint(output_dir)
-    checkpoint = load_checkpoint(output_dir)
+    lens_fingerprint = finished_lens_fingerprint(output_dir)  # raises for a directory that is not a lens's
     if overwrite:
         return Start(checkpoint=None, finished=False)
+    checkpoint = load_checkpoint(output_dir)
     held = []
     if lens_fingerprint is not None:
         held.append(("a finished lens", lens_fingerprint))

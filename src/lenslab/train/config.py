@@ -69,23 +69,30 @@ class TrainConfig:
             if value is not None and not value > 0:
                 raise LensLabError(f"{flag(name)} is {value}, but it must be positive; pass a value above 0.")
         if self.optimizer not in DEFAULT_LR:
-            raise LensLabError(f"Unknown optimizer {self.optimizer!r}; pass --optimizer {' or '.join(DEFAULT_LR)}.")
+            raise LensLabError(
+                f"Unknown optimizer {self.optimizer!r}; pass {flag('optimizer')} {' or '.join(DEFAULT_LR)}."
+            )
         from lenslab.train.recipes import RECIPES  # imported late: torch is not needed to parse settings
 
         if self.recipe not in RECIPES:
-            raise LensLabError(f"Unknown recipe {self.recipe!r}; pass --recipe {' or '.join(RECIPES)}.")
+            raise LensLabError(f"Unknown recipe {self.recipe!r}; pass {flag('recipe')} {' or '.join(RECIPES)}.")
         if not 0 <= self.momentum < 1:
-            raise LensLabError(f"--momentum is {self.momentum}, but it must lie in [0, 1); pass e.g. 0.9.")
+            raise LensLabError(f"{flag('momentum')} is {self.momentum}, but it must lie in [0, 1); pass e.g. 0.9.")
         if self.weight_decay < 0:
-            raise LensLabError(f"--weight-decay is {self.weight_decay}, but it cannot be negative; pass 0 or more.")
+            raise LensLabError(
+                f"{flag('weight_decay')} is {self.weight_decay}, but it cannot be negative; pass 0 or more."
+            )
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
             raise LensLabError(
-                f"--warmup-steps is {self.warmup_steps}, but it must lie in [0, --steps {self.steps}); pass fewer."
+                f"{flag('warmup_steps')} is {self.warmup_steps}, but it must lie in [0, {flag('steps')} {self.steps}); "
+                "pass fewer."
             )
         if self.seed < 0:
-            raise LensLabError(f"--seed is {self.seed}, but seeds cannot be negative; pass 0 or more.")
+            raise LensLabError(f"{flag('seed')} is {self.seed}, but seeds cannot be negative; pass 0 or more.")
         if self.checkpoint_every < 0:
-            raise LensLabError(f"--checkpoint-every is {self.checkpoint_every}; pass 0 (no checkpoints) or more.")
+            raise LensLabError(
+                f"{flag('checkpoint_every')} is {self.checkpoint_every}; pass 0 (no checkpoints) or more."
+            )
 
     @property
     def effective_lr(self) -> float:

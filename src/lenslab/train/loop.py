@@ -173,7 +173,8 @@ def train_lens(
         )  # fmt: skip
         history.append(record)
         # No checkpoint after the last step: the finished lens is saved instead.
-        checkpoint_due = config.checkpoint_every and record.step % config.checkpoint_every == 0 and record.step < config.steps
+        every = config.checkpoint_every
+        checkpoint_due = every and record.step % every == 0 and record.step < config.steps
         if output_dir is not None and processes.is_main:
             checkpoints.append_log(output_dir, asdict(record))
             if checkpoint_due:
@@ -210,7 +211,11 @@ def train_lens(
 
 
 def _accumulate_gradients(
-    view: ModelView, lens: TunedLens, tokens: torch.Tensor, micro_batch: int, autocast: contextlib.AbstractContextManager
+    view: ModelView,
+    lens: TunedLens,
+    tokens: torch.Tensor,
+    micro_batch: int,
+    autocast: contextlib.AbstractContextManager,
 ) -> torch.Tensor:
     """Add to the lens's `.grad`s the gradient of the step's loss on this process's `tokens`: [n, seq_len];
     returns the mean KL per token at each lens position 0..L-1: [L]."""
@@ -276,9 +281,10 @@ def _divergence_message(
 ) -> str:
     """One sentence on where training diverged, what was kept and what to try."""
     bad = (~torch.isfinite(layer_losses)).nonzero().flatten().tolist()
-    what = f"the loss at lens position {bad[0]} was {layer_losses[bad[0]].item()}" if bad else (
-        f"the gradient norm was {grad_norm.item()}"
-    )
+    if bad:
+        what = f"the loss at lens position {bad[0]} was {layer_losses[bad[0]].item()}"
+    else:
+        what = f"the gradient norm was {grad_norm.item()}"
     if output_dir is None:
         kept = "the lens is left as it was after the last good step"
     elif checkpoint_step is not None:
@@ -290,4 +296,3 @@ def _divergence_message(
         f"{kept}; pass a lower --lr (currently {config.effective_lr:g}) or --dtype float32, with --overwrite, to "
         "train again."
     )
-
