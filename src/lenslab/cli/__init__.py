@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from lenslab import __version__
@@ -36,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 success, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if os.environ.get("RANK", "0") != "0":
+        # Under torchrun every rank runs this CLI; only rank 0 reports progress, the others only problems.
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 0
