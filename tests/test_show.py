@@ -23,7 +23,7 @@ from lenslab.trajectory import STATISTICS, TrajectoryConfig, compute_trajectorie
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROMPT = "The capital of Varnos is Kelti. Elnu counted one, two, three"
-"""Text in the style of the tiny LM's corpus (``support/tiny_lm.py``); " capital", " one" and " two" are single tokens."""
+"""In the style of the tiny LM's corpus (``support/tiny_lm.py``); " capital", " one", " two" are single tokens."""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def run_show(capsys, *args: str) -> tuple[int, str, str]:
 def test_every_output_format_from_the_cli(tiny_lm, lens_dir, tmp_path, capsys):
     model = tiny_lm.directory
     for name in ("out.html", "out.png", "out.json"):
-        code, _, err = run_show(capsys, "--model", model, "--lens", lens_dir, "--top-k", 3, "-o", tmp_path / name, PROMPT)
+        code, _, err = run_show(capsys, "--model", model, "--lens", lens_dir, "--top-k", 3, "-o", tmp_path / name,
+                                PROMPT)  # fmt: skip
         assert code == 0, err
         assert f"Wrote {tmp_path / name}" in err.replace("\n", "")
     page = (tmp_path / "out.html").read_text(encoding="utf-8")
@@ -96,9 +97,10 @@ def test_prompt_longer_than_the_context_needs_positions(tiny_lm, tmp_path, capsy
     long_prompt = "one, two, three, four, " * 40  # well over the 128-token context
     code, _, err = run_show(capsys, "--model", tiny_lm.directory, long_prompt)
     assert code == 2 and "reads at most 128" in err and "--positions" in err
-    code, _, err = run_show(capsys, "--model", tiny_lm.directory, "--positions", ":20", "-o", tmp_path / "a.json", long_prompt)
+    out = tmp_path / "a.json"
+    code, _, err = run_show(capsys, "--model", tiny_lm.directory, "--positions", ":20", "-o", out, long_prompt)
     assert code == 0, err
-    assert len(json.loads((tmp_path / "a.json").read_text())["tokens"]) == 20
+    assert len(json.loads(out.read_text())["tokens"]) == 20
 
 
 def test_lens_for_another_model_is_refused(tiny_lm, tmp_path, capsys):
@@ -154,16 +156,19 @@ def test_stat_choices_are_the_statistics():
 def trajectories(tiny_lm, lens_dir):
     lenses = [LogitLens.from_model(tiny_lm.model), TunedLens.load(lens_dir, tiny_lm.model)]
     ids = encode_prompt(tiny_lm.tokenizer, "Elnu counted one, two<|endoftext|>\n")
-    return compute_trajectories(tiny_lm.model, lenses, ids, tokenizer=tiny_lm.tokenizer, config=TrajectoryConfig(top_k=3))
+    config = TrajectoryConfig(top_k=3)
+    return compute_trajectories(tiny_lm.model, lenses, ids, tokenizer=tiny_lm.tokenizer, config=config)
 
 
 def test_html_heatmaps_share_one_scale_and_mark_correct_next_tokens(trajectories):
     fig = html_plot.figure(trajectories, "kl")
     heatmaps = [trace for trace in fig.data if trace.type == "heatmap"]
     assert [h.name for h in heatmaps] == ["logit", "tuned"] and all(h.coloraxis == "coloraxis" for h in heatmaps)
-    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax >= max(float(t.kl_to_final.max()) for t in trajectories)
+    largest = max(float(t.kl_to_final.max()) for t in trajectories)
+    assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax >= largest
     for heatmap, trajectory in zip(heatmaps, trajectories):
-        top1 = [[html_plot.label(trajectory.token_text[i]) for i in row] for row in trajectory.top_k_ids[:, :, 0].tolist()]
+        texts = trajectory.token_text
+        top1 = [[html_plot.label(texts[i]) for i in row] for row in trajectory.top_k_ids[..., 0].tolist()]
         assert [list(row) for row in heatmap.text] == top1
         assert "3. " in heatmap.customdata[0][0] and "rank" in heatmap.customdata[0][0]
     # Special tokens and whitespace are escaped and visible, not read as markup.
@@ -181,9 +186,12 @@ def test_rank_colour_is_logarithmic(trajectories):
     assert z[0][0] == pytest.approx(float(torch.log10(trajectories[0].next_token_rank[0, 0].double())))
 
 
-def test_png_is_written(trajectories, tmp_path):
+def test_png_is_written_unless_too_wide(trajectories, tmp_path):
     path = png_plot.write_png(trajectories, tmp_path / "grid.png", stat="prob")
     assert path.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(LensLabError, match=r"pixels wide.*--positions START:END with at most [1-9][0-9]* tokens"):
+        png_plot.write_png(trajectories, tmp_path / "wide.png", dpi=6_000)
+    assert not (tmp_path / "wide.png").exists()
 
 
 def test_terminal_tables_fit_the_width(trajectories):
@@ -212,14 +220,15 @@ def test_whole_non_latin_characters_in_a_byte_level_vocabulary():
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, show_progress=False)
     tokenizer.train_from_iterator(["中文 中文 中文 Привет Привет"] * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
     assert [token_text(fast, i) for i in fast("中文 Привет")["input_ids"]] == ["中文", " Привет"]
 
 
 def sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
-    """A Llama-style tokenizer: metaspace ``▁``, byte fallback ``<0xNN>`` and a decoder that strips the leading space."""
+    """Llama-style: metaspace ``▁``, byte fallback ``<0xNN>`` and a decoder that strips the leading space."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{byte:02X}>": 3 + byte for byte in range(256)}}
     for piece in ["▁", "t", "h", "e", "c", "a", "▁t", "▁th", "▁the", "中"]:
         vocab.setdefault(piece, len(vocab))

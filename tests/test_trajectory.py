@@ -85,7 +85,8 @@ def assert_matches(trajectory: Trajectory, expected: dict) -> None:
     torch.testing.assert_close(trajectory.kl_to_final.double(), expected["kl_to_final"], atol=1e-4, rtol=1e-4)
     assert torch.equal(trajectory.next_token_rank[:, :-1], expected["next_token_rank"])
     assert (trajectory.next_token_rank[:, -1] == -1).all() and trajectory.next_token_prob[:, -1].isnan().all()
-    torch.testing.assert_close(trajectory.next_token_prob[:, :-1].double(), expected["next_token_prob"], atol=1e-5, rtol=1e-4)
+    next_prob = trajectory.next_token_prob[:, :-1].double()
+    torch.testing.assert_close(next_prob, expected["next_token_prob"], atol=1e-5, rtol=1e-4)
     if "target_score" in expected:
         torch.testing.assert_close(trajectory.target_score.double(), expected["target_score"], atol=1e-4, rtol=1e-4)
         assert torch.equal(trajectory.target_rank, expected["target_rank"])

@@ -40,6 +40,7 @@ from lenslab.tokens import token_texts
 
 logger = logging.getLogger(__name__)
 
+EMPTY_PROMPT = "The prompt is empty; pass some text as the PROMPT argument or with --prompt-file."
 JSON_FORMAT = "lenslab-trajectory"
 JSON_FORMAT_VERSION = 1
 
@@ -273,7 +274,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Tensor:
     """[tokens] int64 ids of ``text`` with the tokenizer's usual special tokens; an empty prompt is an error."""
     ids = tokenizer(text)["input_ids"] if text else []
     if not text or not ids:
-        raise LensLabError("The prompt is empty; pass some text as the PROMPT argument or with --prompt-file.")
+        raise LensLabError(EMPTY_PROMPT)
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -438,7 +439,7 @@ def _check_ids(input_ids: Sequence[int] | Tensor) -> Tensor:
             "pass one prompt at a time."
         )
     if ids.numel() == 0:
-        raise LensLabError("The prompt is empty; pass some text as the PROMPT argument or with --prompt-file.")
+        raise LensLabError(EMPTY_PROMPT)
     return ids
 
 

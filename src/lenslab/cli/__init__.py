@@ -17,7 +17,7 @@ from lenslab import __version__
 from lenslab.errors import LensLabError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS: list[str] = ["train", "eval", "show", "detect", "depth", "transfer"]
+SUBCOMMANDS: list[str] = ["train", "eval", "show", "detect", "depth", "transfer", "cbe"]
 
 
 def build_parser() -> argparse.ArgumentParser:

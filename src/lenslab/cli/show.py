@@ -36,17 +36,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(parser)
     parser.add_argument("prompt", nargs="?", help="the prompt text (or use --prompt-file)")
     parser.add_argument(
-        "--prompt-file", type=Path, metavar="FILE", help="read the prompt from a UTF-8 file (one final newline is dropped)"
-    )
+        "--prompt-file", type=Path, metavar="FILE",
+        help="read the prompt from a UTF-8 file (one final newline is dropped)",
+    )  # fmt: skip
     parser.add_argument(
-        "--lens", type=Path, metavar="DIR", help="a trained tuned lens, shown beside the logit lens on one colour scale"
-    )
+        "--lens", type=Path, metavar="DIR",
+        help="a trained tuned lens, shown beside the logit lens on one colour scale",
+    )  # fmt: skip
     parser.add_argument(
         "--stat", choices=STAT_CHOICES, default="entropy",
         help="what the colour shows: entropy, probability or rank of the true next token, KL to the model's output, "
         "or the target score (default: entropy)",
     )  # fmt: skip
-    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="tokens listed per cell (default: 5)")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=5, metavar="K", help="tokens listed per cell (default: 5)"
+    )
     parser.add_argument(
         "--positions", type=parse_positions, metavar="START:END",
         help="show only tokens START..END-1 of the prompt (either may be omitted); tokens after END are not fed "
@@ -79,7 +83,9 @@ def parse_positions(text: str) -> slice:
             raise ValueError
         return slice(int(start) if start.strip() else None, int(end) if end.strip() else None)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not START:END; pass e.g. --positions 0:50 or --positions 100:") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not START:END; pass e.g. --positions 0:50 or --positions 100:"
+        ) from None
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -93,7 +99,9 @@ def read_prompt(args: argparse.Namespace) -> str:
     try:
         text = args.prompt_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise LensLabError(f"Could not read --prompt-file {args.prompt_file} ({error}); pass a readable UTF-8 text file.") from None
+        raise LensLabError(
+            f"Could not read --prompt-file {args.prompt_file} ({error}); pass a readable UTF-8 text file."
+        ) from None
     # Editors end files with a newline that is not part of the prompt.
     return text.removesuffix("\n")
 
@@ -104,15 +112,27 @@ def run(args: argparse.Namespace) -> int:
     from lenslab.artifacts import atomic_write_json
     from lenslab.lenses import LogitLens, TunedLens
     from lenslab.tokens import single_token_id
-    from lenslab.trajectory import TrajectoryConfig, compute_trajectories, encode_prompt, trajectories_to_dict
+    from lenslab.trajectory import (
+        EMPTY_PROMPT,
+        TrajectoryConfig,
+        compute_trajectories,
+        encode_prompt,
+        trajectories_to_dict,
+    )
 
     text = read_prompt(args)
+    if not text:  # found before the model loads, which can take minutes
+        raise LensLabError(EMPTY_PROMPT)
     suffix = args.output.suffix.lower() if args.output else None
     if suffix is not None and suffix not in FORMATS:
-        raise LensLabError(f"--output {args.output} has extension {suffix or '(none)'!r}; pass a file ending in "
-                           f"{', '.join(FORMATS)}, or no --output for the terminal view.")  # fmt: skip
+        raise LensLabError(
+            f"--output {args.output} has extension {suffix or '(none)'!r}; pass a file ending in "
+            f"{', '.join(FORMATS)}, or no --output for the terminal view."
+        )
     if args.stat == "target" and not args.target:
-        raise LensLabError("--stat target shows the target's log-probability, but no target was given; pass --target TOKEN.")
+        raise LensLabError(
+            "--stat target shows the target's log-probability, but no target was given; pass --target TOKEN."
+        )
     config = TrajectoryConfig(top_k=args.top_k, positions=args.positions)  # checks --positions before loading
 
     loaded = load_model_from_args(args)
@@ -125,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
         targets=tuple(single_token_id(loaded.tokenizer, target, "--target") for target in args.target),
         anti_targets=tuple(single_token_id(loaded.tokenizer, anti, "--anti-target") for anti in args.anti_target),
     )
-    trajectories = compute_trajectories(view, lenses, encode_prompt(loaded.tokenizer, text), tokenizer=loaded.tokenizer,
-                                        config=config)  # fmt: skip
+    ids = encode_prompt(loaded.tokenizer, text)
+    trajectories = compute_trajectories(view, lenses, ids, tokenizer=loaded.tokenizer, config=config)
 
     if suffix is None:
         from lenslab.plots.terminal import tables
@@ -145,5 +165,5 @@ def run(args: argparse.Namespace) -> int:
         write_png(trajectories, args.output, args.stat)
     else:
         atomic_write_json(args.output, trajectories_to_dict(trajectories))
-    Console(stderr=True).print(f"Wrote {args.output}")
+    Console(stderr=True).print(f"Wrote {args.output}", markup=False, highlight=False)
     return 0

@@ -10,6 +10,7 @@ prediction is right.
 from __future__ import annotations
 
 import html
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,10 +23,14 @@ from lenslab.artifacts import atomic_write
 from lenslab.tokens import visible
 from lenslab.trajectory import STATISTICS, Trajectory, value_range
 
+logger = logging.getLogger(__name__)
+
 CELL_WIDTH = 64
 """Pixels per token column."""
 CELL_HEIGHT = 26
 """Pixels per lens-position row."""
+WIDE_COLUMNS = 500
+"""Above this many columns in all, the page gets wider than browsers draw comfortably: a warning suggests slicing."""
 CORRECT_COLOR = "#1a7f37"
 """Colour of a next token that the model predicts correctly."""
 MISSED_COLOR = "#57606a"
@@ -43,10 +48,16 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
     transform = np.log10 if statistic.log_scale else (lambda values: values)
     first = trajectories[0]
     n_positions, n_tokens = first.entropy.shape
+    if len(trajectories) * n_tokens > WIDE_COLUMNS:
+        logger.warning(
+            "%d token columns make a page about %d pixels wide; pass --positions START:END to show fewer",
+            len(trajectories) * n_tokens, len(trajectories) * n_tokens * CELL_WIDTH,
+        )  # fmt: skip
     fig = make_subplots(
         rows=1, cols=len(trajectories), shared_yaxes=True, horizontal_spacing=0.03,
         subplot_titles=[f"{t.lens_name} lens" for t in trajectories],
     )  # fmt: skip
+    marks: list[dict] = []
     for column, trajectory in enumerate(trajectories, start=1):
         values = trajectory.statistic(stat)
         fig.add_trace(
@@ -72,8 +83,7 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
             showgrid=False, row=1, col=column,
         )  # fmt: skip
         axis = "" if column == 1 else str(column)
-        for annotation in _next_token_marks(trajectory, f"x{axis}", f"y{axis}"):
-            fig.add_annotation(annotation)
+        marks += _next_token_marks(trajectory, f"x{axis}", f"y{axis}")
     fig.update_yaxes(tickvals=list(range(n_positions)), ticktext=first.row_labels, showgrid=False)
     colorbar = {"title": {"text": statistic.label, "side": "right"}}
     if statistic.log_scale:
@@ -82,7 +92,9 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
     fig.update_layout(
         title={"text": f"{html.escape(first.model_name)}: {statistic.label}", "x": 0.01, "y": 0.98,
                "yref": "container", "yanchor": "top"},
-        coloraxis={"colorscale": statistic.colormap, "cmin": transform(low), "cmax": transform(high), "colorbar": colorbar},
+        coloraxis={
+            "colorscale": statistic.colormap, "cmin": transform(low), "cmax": transform(high), "colorbar": colorbar
+        },  # fmt: skip
         width=max(700, len(trajectories) * n_tokens * CELL_WIDTH + 300),
         height=max(420, n_positions * CELL_HEIGHT + 260),
         margin={"t": 160, "b": 110},
@@ -90,8 +102,10 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
         plot_bgcolor="white",
     )
     # Subplot titles are annotations too; lift them above the next-token row, below the figure title.
-    for title in fig.layout.annotations[: len(trajectories)]:
+    for title in fig.layout.annotations:
         title.yshift = 75
+    # Added at once: fig.add_annotation revalidates all annotations each time, quadratic in prompt length.
+    fig.update_layout(annotations=[*fig.layout.annotations, *marks])
     return fig
 
 
@@ -130,7 +144,8 @@ def _hover_texts(trajectory: Trajectory, values: np.ndarray, stat: str) -> list[
             ]
             if nexts[t] is not None:
                 lines.append(f"next {label(nexts[t])}: rank {ranks[p][t]}, p={probs[p][t]:.3f}")
-            lines += [f"{k + 1}. {label(texts[i])}  {q:.3f}" for k, (i, q) in enumerate(zip(top_ids[p][t], top_probs[p][t]))]
+            top = zip(top_ids[p][t], top_probs[p][t])
+            lines += [f"{k + 1}. {label(texts[i])}  {q:.3f}" for k, (i, q) in enumerate(top)]
             row.append("<br>".join(lines))
         rows.append(row)
     return rows

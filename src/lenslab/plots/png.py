@@ -16,11 +16,16 @@ from matplotlib import colormaps, colors, font_manager, rc_context
 from matplotlib.figure import Figure
 
 from lenslab.artifacts import atomic_write
+from lenslab.errors import LensLabError
 from lenslab.tokens import visible
 from lenslab.trajectory import STATISTICS, Trajectory, value_range
 
 CELL_INCHES = (0.62, 0.3)
 """Width and height of one cell."""
+MARGIN_INCHES = (3.5, 2.8)
+"""Width and height of the labels, titles and colour bar around the cells."""
+MAX_PIXELS = 2**16
+"""Matplotlib refuses images this wide or wider."""
 CORRECT_COLOR = "#1a7f37"
 MISSED_COLOR = "#57606a"
 # Fonts tried after DejaVu Sans for glyphs it lacks (CJK, ...); only installed ones are used.
@@ -45,15 +50,22 @@ def is_dark(rgba: Sequence[float]) -> bool:
     return alpha > 0 and 0.2126 * red + 0.7152 * green + 0.0722 * blue < 0.5
 
 
+def size_inches(trajectories: Sequence[Trajectory]) -> tuple[float, float]:
+    """Width and height of the figure: a cell per lens position and token, plus room for labels."""
+    n_positions, n_tokens = trajectories[0].entropy.shape
+    return (
+        len(trajectories) * n_tokens * CELL_INCHES[0] + MARGIN_INCHES[0],
+        n_positions * CELL_INCHES[1] + MARGIN_INCHES[1],
+    )
+
+
 def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> Figure:
     """A matplotlib Figure (no pyplot state) of ``trajectories`` coloured by ``stat``."""
     statistic = STATISTICS[stat]
     norm = color_norm(stat, value_range(trajectories, stat))
     cmap = colormaps[statistic.colormap]
     n_positions, n_tokens = trajectories[0].entropy.shape
-    width = len(trajectories) * n_tokens * CELL_INCHES[0] + 3.5
-    height = n_positions * CELL_INCHES[1] + 2.8
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=size_inches(trajectories), layout="constrained")
     axes = fig.subplots(1, len(trajectories), sharey=True, squeeze=False)[0]
     with _fonts():
         for ax, trajectory in zip(axes, trajectories):
@@ -73,6 +85,14 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> Figure:
 def write_png(trajectories: Sequence[Trajectory], path: str | Path, stat: str = "entropy", dpi: int = 150) -> Path:
     """Write the figure to ``path`` atomically as PNG; returns the path."""
     path = Path(path)
+    width = size_inches(trajectories)[0] * dpi
+    if width >= MAX_PIXELS:
+        n_tokens = trajectories[0].entropy.shape[1]
+        fitting = int((MAX_PIXELS / dpi - MARGIN_INCHES[0]) / (len(trajectories) * CELL_INCHES[0]))
+        raise LensLabError(
+            f"A PNG of {n_tokens} tokens would be {width:,.0f} pixels wide, more than matplotlib draws "
+            f"({MAX_PIXELS:,}); pass --positions START:END with at most {fitting} tokens, or write .html."
+        )
     fig = figure(trajectories, stat)
     atomic_write(path, lambda temporary: fig.savefig(temporary, format="png", dpi=dpi))
     return path

@@ -45,7 +45,8 @@ def _table(trajectory: Trajectory, stat_label: str, columns: range, backgrounds:
     """One table of ``columns`` (token indices within the trajectory)."""
     start = trajectory.start
     table = Table(
-        title=f"{trajectory.lens_name} lens, tokens {start + columns.start}-{start + columns.stop - 1}: colour = {stat_label}",
+        title=f"{trajectory.lens_name} lens, tokens {start + columns.start}-{start + columns.stop - 1}: "
+        f"colour = {stat_label}",
         show_lines=False, pad_edge=False, collapse_padding=True,
     )  # fmt: skip
     table.add_column("", justify="right", no_wrap=True)
