@@ -193,3 +193,11 @@ def test_unknown_config_keys_are_dropped_with_a_warning(tmp_path, view, caplog):
     config_path.write_text(json.dumps(config))
     TunedLens.load(tmp_path / "lens", view)
     assert "from_the_future" in caplog.text
+
+
+def test_written_files_get_ordinary_permissions(tmp_path, view):
+    trained_like_lens(view).save(tmp_path / "lens")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (CONFIG_FILE, PARAMS_FILE):
+        assert (tmp_path / "lens" / name).stat().st_mode & 0o777 == 0o666 & ~umask

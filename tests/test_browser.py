@@ -65,6 +65,9 @@ def heatmap_cells(dom: str) -> list[list[str]]:
     return cells
 
 
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
 def test_heatmap_draws_in_headless_chromium(tiny_lm, tmp_path):
     binary = chromium()
     lens = TunedLens.from_model(tiny_lm.model)
@@ -86,7 +89,9 @@ def test_heatmap_draws_in_headless_chromium(tiny_lm, tmp_path):
 
     n_positions, n_tokens = logit.entropy.shape
     width, height = 2 * n_tokens * CELL_WIDTH + 300, max(420, n_positions * CELL_HEIGHT + 260)
-    screenshot = tmp_path / "show.png"
+    # Kept after the run (git-ignored) so a person can look at what the browser drew.
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "browser-show.png"
     run_chromium(binary, tmp_path / "profile-shot", f"--screenshot={screenshot}", f"--window-size={width},{height}",
                  "--hide-scrollbars", page.as_uri())  # fmt: skip
     print(f"browser screenshot: {screenshot}")

@@ -35,3 +35,10 @@ def test_unknown_subcommand_fails():
     with pytest.raises(SystemExit) as exit_info:
         main(["no-such-command"])
     assert exit_info.value.code == 2
+
+
+def test_public_api_names_resolve():
+    import lenslab
+
+    for name in lenslab.__all__:
+        assert getattr(lenslab, name) is not None

@@ -17,6 +17,11 @@ _PUBLIC = {
     "LogitLens": "lenslab.lenses",
     "TunedLens": "lenslab.lenses",
     "load_model": "lenslab.loading",
+    "Trajectory": "lenslab.trajectory",
+    "TrajectoryConfig": "lenslab.trajectory",
+    "TrainConfig": "lenslab.train",
+    "train_lens": "lenslab.train",
+    "evaluate_lenses": "lenslab.evaluate",
 }
 
 __all__ = [*_PUBLIC, "__version__"]
