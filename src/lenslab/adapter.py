@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lenslab.errors import LensLabError
 from lenslab.residuals import Residuals, capture_residuals
@@ -61,6 +61,10 @@ LOGIT_MULTIPLIERS: dict[str, Callable[[float], float]] = {
     "logit_scale": lambda value: value,  # cohere: logits * logit_scale
     "logits_scaling": lambda value: 1.0 / value,  # granite: logits / logits_scaling
 }
+
+# Config attributes that families use for their context length.
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+_SANE_CONTEXT = 2**31  # tokenizers without a limit report ~1e30 as `model_max_length`
 
 NO_NORM = "none"
 """Value of ``final_norm=`` (and of ``final_norm_path``) for post-LN models that have no final norm."""
@@ -281,6 +285,21 @@ class ModelView:
                 )
         last_layer_done = len(finished) - finished[::-1].index(id(self.layers[-1]))
         return residuals, set(finished[last_layer_done:])
+
+
+def context_length(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None = None) -> int | None:
+    """The most tokens the model reads at once: the shortest sane length its config and tokenizer declare.
+
+    None when neither says.
+    """
+    candidates = []
+    if model is not None:
+        config = model.config.get_text_config()
+        candidates += [getattr(config, name, None) for name in CONTEXT_ATTRIBUTES]
+    if tokenizer is not None:
+        candidates.append(tokenizer.model_max_length)
+    sane = [value for value in candidates if isinstance(value, int) and 0 < value < _SANE_CONTEXT]
+    return min(sane, default=None)
 
 
 def _resolve(model: nn.Module, path: str):

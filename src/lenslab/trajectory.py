@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lenslab.adapter import ModelView
+from lenslab.adapter import ModelView, context_length
 from lenslab.errors import LensLabError
 from lenslab.evaluate import layer_names
 from lenslab.lenses import Lens
@@ -276,16 +276,6 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Tensor:
     if not text or not ids:
         raise LensLabError(EMPTY_PROMPT)
     return torch.tensor(ids, dtype=torch.long)
-
-
-def context_length(model: PreTrainedModel) -> int | None:
-    """The most tokens the model reads at once, from its config; None when the config does not say."""
-    config = model.config.get_text_config()
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 @torch.inference_mode()

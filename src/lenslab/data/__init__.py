@@ -30,7 +30,6 @@ from lenslab.data.sources import (
     DEFAULT_DATASET,
     SELF,
     DataSpec,
-    context_length,
     iter_texts,
     sample_texts,
 )
@@ -42,7 +41,6 @@ __all__ = [
     "SELF",
     "DataSpec",
     "TokenData",
-    "context_length",
     "default_seq_len",
     "iter_texts",
     "prepare_tokens",

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lenslab.data.sources import DataSpec, context_length, iter_texts
+from lenslab.adapter import context_length
+from lenslab.data.sources import DataSpec, iter_texts
 from lenslab.errors import LensLabError
 
 log = logging.getLogger(__name__)
