@@ -1,4 +1,8 @@
-"""Lens training: the objective and its layer-by-layer backward, the recipe, resume, divergence, the CLI."""
+"""Lens training: the objective and its layer-by-layer backward, the recipe, resume, divergence, the CLI.
+
+Run behaviours (logs, micro-batching, resume, divergence) are checked for both recipes; the fast recipe's own pieces
+(closed-form start, chunked KL, its gain over the paper's recipe) are in test_recipes.py.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ from lenslab.train import loop as train_loop
 from lenslab.train.batches import sequences_per_step, step_indices
 from lenslab.train.checkpoints import CHECKPOINT_DIR, LOG_FILE, load_checkpoint
 from lenslab.train.config import flag
-from lenslab.train.objective import Target, backward_by_layer, final_target, layer_kl_sum
+from lenslab.train.objective import Target, backward_by_layer, backward_chunked, final_target, layer_kl_sum
 from lenslab.train.recipes import PaperRecipe
 
 SEQ_LEN = 16
+RECIPES = ["paper", "fast"]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +180,8 @@ def test_training_lowers_heldout_kl_on_a_trained_model(tiny_lm):
     chunks = tiny_lm.tokenizer(tiny_lm.train_text_path.read_text()[:60_000])["input_ids"]
     chunks = torch.tensor(chunks[: len(chunks) // 32 * 32]).view(-1, 32)
     train, heldout = chunks[:-16], chunks[-16:]
-    result = train_lens(view, train, TrainConfig(steps=30, tokens_per_step=16 * 32, batch_size=16), progress=False)
+    config = TrainConfig(recipe="paper", steps=30, tokens_per_step=16 * 32, batch_size=16)
+    result = train_lens(view, train, config, progress=False)
 
     @torch.no_grad()
     def heldout_kl(lens):
@@ -190,14 +196,18 @@ def test_training_lowers_heldout_kl_on_a_trained_model(tiny_lm):
     assert history[0].lr == pytest.approx(0.1) and history[-1].lr == pytest.approx(0.1 / 30)
 
 
-def test_micro_batch_size_does_not_change_the_lens(view, tokens):
-    whole = train_lens(view, tokens, small_config(steps=3, batch_size=8), progress=False)
-    pieces = train_lens(view, tokens, small_config(steps=3, batch_size=3), progress=False)  # 3 + 3 + 2
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_micro_batch_size_does_not_change_the_lens(view, tokens, recipe):
+    whole = train_lens(view, tokens, small_config(steps=3, batch_size=8, recipe=recipe), progress=False)
+    pieces = train_lens(view, tokens, small_config(steps=3, batch_size=3, recipe=recipe), progress=False)  # 3+3+2
     assert_same_lens(whole.lens, pieces.lens)
 
 
-def test_run_writes_log_and_lens_and_removes_checkpoint(view, tokens, tmp_path):
-    result = train_lens(view, tokens, small_config(), output_dir=tmp_path, progress=False, metadata={"note": "x"})
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_run_writes_log_and_lens_and_removes_checkpoint(view, tokens, tmp_path, recipe):
+    result = train_lens(
+        view, tokens, small_config(recipe=recipe), output_dir=tmp_path, progress=False, metadata={"note": "x"}
+    )
     records = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert set(records[0]) >= {"step", "loss", "layer_losses", "lr", "tokens", "tokens_per_second", "elapsed"}
@@ -212,8 +222,9 @@ class Killed(Exception):
     """Stands in for the process being killed."""
 
 
-def test_resume_after_interruption_gives_the_same_lens(view, tokens, tmp_path):
-    uninterrupted = train_lens(view, tokens, small_config(), output_dir=tmp_path / "a", progress=False)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_resume_after_interruption_gives_the_same_lens(view, tokens, tmp_path, recipe):
+    uninterrupted = train_lens(view, tokens, small_config(recipe=recipe), output_dir=tmp_path / "a", progress=False)
 
     def kill_after_step_three(record):
         if record.step == 3:
@@ -221,12 +232,13 @@ def test_resume_after_interruption_gives_the_same_lens(view, tokens, tmp_path):
 
     with pytest.raises(Killed):
         train_lens(
-            view, tokens, small_config(), output_dir=tmp_path / "b", progress=False, on_step=kill_after_step_three
+            view, tokens, small_config(recipe=recipe), output_dir=tmp_path / "b", progress=False,
+            on_step=kill_after_step_three,
         )
     assert load_checkpoint(tmp_path / "b").step == 2
     resumed_steps = []
     resumed = train_lens(
-        view, tokens, small_config(batch_size=8), output_dir=tmp_path / "b", progress=False,
+        view, tokens, small_config(batch_size=8, recipe=recipe), output_dir=tmp_path / "b", progress=False,
         on_step=lambda record: resumed_steps.append(record.step),
     )  # fmt: skip
     assert resumed_steps == [3, 4, 5, 6]  # from the checkpoint, with another micro-batch size
@@ -236,7 +248,8 @@ def test_resume_after_interruption_gives_the_same_lens(view, tokens, tmp_path):
     assert log_steps == list(range(1, 7))  # step 3's first record was dropped with the rest after the checkpoint
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(view, tokens, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(view, tokens, tmp_path, monkeypatch, recipe):
     calls = []
 
     def poisoned_target(logits):
@@ -245,8 +258,16 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(view, tokens, t
         # Steps have 2 micro-batches of 4: the 7th call is step 4's first.
         return Target(target.probs * float("nan"), target.entropy) if len(calls) >= 7 else target
 
-    monkeypatch.setattr(train_loop, "final_target", poisoned_target)
-    config = small_config(checkpoint_every=1)
+    def poisoned_chunked(lens, hidden, scale, **options):
+        calls.append(1)
+        hidden = [h * float("nan") for h in hidden] if len(calls) >= 7 else hidden
+        return backward_chunked(lens, hidden, scale, **options)
+
+    if recipe == "paper":
+        monkeypatch.setattr(train_loop, "final_target", poisoned_target)
+    else:
+        monkeypatch.setattr(train_loop, "backward_chunked", poisoned_chunked)
+    config = small_config(checkpoint_every=1, recipe=recipe)
     with pytest.raises(LensLabError, match=r"diverged at step 4 .*not finite.*checkpoint \(step 3\) is kept"):
         train_lens(view, tokens, config, output_dir=tmp_path, progress=False)
     checkpoint = load_checkpoint(tmp_path)
@@ -295,9 +316,10 @@ def test_tokens_the_model_cannot_read_are_refused(view):
         train_lens(view, torch.zeros(0, 8, dtype=torch.long), small_config(), progress=False)
 
 
-def test_bias_free_lens_trains(view, tokens):
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_bias_free_lens_trains(view, tokens, recipe):
     lens = TunedLens.from_model(view, bias=False)
-    result = train_lens(view, tokens, small_config(steps=2), lens=lens, progress=False)
+    result = train_lens(view, tokens, small_config(steps=2, recipe=recipe), lens=lens, progress=False)
     assert result.lens is lens and lens.translators[0].weight.abs().sum() > 0
 
 

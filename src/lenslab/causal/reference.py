@@ -48,7 +48,7 @@ def reference_directions(
     ``progress(j)`` is called after direction j is done.
     """
     d_model = h.shape[-1]
-    start = _initial_directions(lens, d_model, k, seed).to(h.device)
+    start = initial_directions(lens, d_model, k, seed).to(h.device)
     found = torch.zeros(0, d_model, device=h.device)
     # The clean log-probabilities do not depend on the direction: computed once per chunk.
     step = chunk_size(1, lens.view.vocab_size)
@@ -72,10 +72,10 @@ def reference_directions(
             nonlocal evaluations, energy, previous
             evaluations += 1
             optimizer.zero_grad()
-            direction = on_sphere(v).unsqueeze(0)  # [1, d_model]
             total = 0.0
             # Backward per chunk: the gradient accumulates in v without holding every chunk's graph.
             for rows, log_p in zip(chunks, clean):
+                direction = on_sphere(v).unsqueeze(0)  # [1, d_model], rebuilt per chunk: each backward frees it
                 chunk_replacement = replacement[rows] if replacement.ndim == 2 else replacement
                 kl = influence_terms(lens, layer, h[rows], direction, chunk_replacement, log_p).sum()
                 (-kl / len(h)).backward()
@@ -96,8 +96,9 @@ def reference_directions(
     return found
 
 
-def _initial_directions(lens: Lens, d_model: int, k: int, seed: int) -> Tensor:
-    """[k, d_model]: the unembedding's top right singular vectors, or random ones if widths differ."""
+def initial_directions(lens: Lens, d_model: int, k: int, seed: int = 0) -> Tensor:
+    """The reference's starting directions, [k, d_model] orthonormal: the unembedding's top right singular
+    vectors (the residual directions the logits are most sensitive to), or random ones if the widths differ."""
     weight = lens.view.unembedding_weight().detach().float()  # [vocab, d_unembed]
     if weight.shape[1] == d_model:
         return torch.linalg.svd(weight, full_matrices=False).Vh[:k]

@@ -1,6 +1,7 @@
-"""`lenslab train`: fit a tuned lens to a model on text, with the tuned lens paper's recipe by default.
+"""`lenslab train`: fit a tuned lens to a model on text, with the fast recipe by default.
 
     lenslab train --model gpt2 --data corpus.txt --output lenses/gpt2
+    lenslab train --model gpt2 --data corpus.txt --output lenses/gpt2-paper --recipe paper   # the paper's recipe
     torchrun --nproc_per_node 4 -m lenslab train --model gpt2 --output lenses/gpt2   # one GPU per process
 
 The first `--heldout-tokens` of the data are kept out of training (the text `lenslab eval` scores by default);
@@ -33,6 +34,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def per_recipe(field: str) -> str:
+    """Each built-in recipe's default for a `TrainConfig` setting left at None, e.g. "fast: 60, paper: 250"."""
+    from lenslab.train.config import RECIPE_DEFAULTS  # torch-free, so `lenslab --help` stays fast
+
+    return ", ".join(f"{name}: {getattr(defaults, field)}" for name, defaults in RECIPE_DEFAULTS.items())
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lenslab.train.config import TrainConfig  # torch-free, so `lenslab --help` stays fast
 
@@ -42,8 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a tuned lens for a model",
         description="Train a tuned lens (one affine translator per layer) to match the model's own next-token "
-        "distribution at every layer: KL(p_final || p_lens) summed over layers, the model frozen. Defaults are the "
-        "tuned lens paper's recipe. Run under torchrun for data parallelism.",
+        "distribution at every layer: KL(p_final || p_lens) summed over layers, the model frozen. The default "
+        "recipe, fast, starts from a closed-form (ridge least-squares) fit and fine-tunes with Adam; --recipe paper "
+        "is the tuned lens paper's. Run under torchrun for data parallelism.",
     )
     add_model_args(parser)
     add_data_args(parser)
@@ -59,8 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tokens at the start of the data kept out of training, for `lenslab eval` (default: %(default)s)",
     )  # fmt: skip
 
-    group = parser.add_argument_group("training (defaults: the tuned lens paper's recipe)")
-    group.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps (default: %(default)s)")
+    group = parser.add_argument_group("training (settings without a default take the recipe's)")
+    group.add_argument(
+        "--recipe", choices=("fast", "paper"), default=defaults.recipe,
+        help="fast: closed-form start, Adam, chunked KL; paper: tuned-lens's recipe (default: %(default)s)",
+    )  # fmt: skip
+    group.add_argument("--steps", type=int, default=None, help=f"optimiser steps ({per_recipe('steps')})")
     group.add_argument(
         "--tokens-per-step", type=int, default=defaults.tokens_per_step, metavar="N",
         help="tokens per step over all processes (default: %(default)s = 2^18)",
@@ -69,35 +82,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None, metavar="N",
         help="sequences per forward pass in each process; lower it if memory runs out (default: about 8192 tokens)",
     )  # fmt: skip
-    group.add_argument("--recipe", default=defaults.recipe, help="how the lens is updated (default: %(default)s)")
-    group.add_argument(
-        "--optimizer", choices=("sgd", "adam"), default=defaults.optimizer, help="(default: %(default)s)"
-    )
+    group.add_argument("--optimizer", choices=("sgd", "adam", "whitened"), default=None, help=f"({per_recipe('optimizer')})")
     group.add_argument(
         "--lr", type=float, default=None,
-        help="effective learning rate (default: 1.0 for sgd, whose momentum gain is divided out; 1e-3 for adam)",
+        help="effective learning rate (default: 1.0 for sgd, whose momentum gain is divided out; 1e-3 for adam; "
+        "30 for whitened)",
     )  # fmt: skip
     group.add_argument(
         "--momentum", type=float, default=defaults.momentum, help="SGD momentum or Adam beta1 (default: %(default)s)"
     )
     group.add_argument(
-        "--weight-decay", type=float, default=defaults.weight_decay,
-        help="pulls the translators toward the identity (default: %(default)s)",
+        "--weight-decay", type=float, default=None,
+        help=f"pulls the translators toward the identity ({per_recipe('weight_decay')})",
     )  # fmt: skip
     group.add_argument(
         "--max-grad-norm", type=float, default=defaults.max_grad_norm,
         help="gradients are clipped to this global norm (default: %(default)s)",
     )  # fmt: skip
     group.add_argument(
-        "--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 0 for sgd, steps/5 for adam)"
-    )
+        "--warmup-steps", type=int, default=None,
+        help="linear warm-up steps (sgd: 0; adam: steps/10 in the fast recipe, steps/5 in the paper's)",
+    )  # fmt: skip
+    group.add_argument(
+        "--init-tokens", type=non_negative_int, default=None, metavar="N",
+        help=f"tokens for the closed-form start, 0 to start from the logit lens ({per_recipe('init_tokens')})",
+    )  # fmt: skip
+    group.add_argument(
+        "--ridge", type=float, default=defaults.ridge,
+        help="ridge penalty of the closed-form start, relative to the residuals' scale (default: %(default)s)",
+    )  # fmt: skip
     group.add_argument(
         "--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="N",
         help="steps between checkpoints, 0 for none (default: %(default)s)",
     )  # fmt: skip
     group.add_argument(
         "--mixed-precision", action=argparse.BooleanOptionalAction, default=defaults.mixed_precision,
-        help="run the lens in bfloat16 autocast on GPUs (default: on)",
+        help="bfloat16 where the hardware makes it fast: the fast recipe's vocabulary products on GPUs and CPUs "
+        "with AMX or AVX-512 BF16, the paper recipe's lens on GPUs (default: on)",
     )  # fmt: skip
     group.add_argument(
         "--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -122,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         steps=args.steps, tokens_per_step=args.tokens_per_step, batch_size=args.batch_size, recipe=args.recipe,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps, seed=args.seed,
+        max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps, init_tokens=args.init_tokens,
+        ridge=args.ridge, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
     )  # fmt: skip
     device = init_distributed(args.device)
@@ -134,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len = args.seq_len or default_seq_len(loaded.model, loaded.tokenizer)
         per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
         # By default exactly the tokens the steps read, so that no sequence is read twice.
-        train_tokens = args.train_tokens or config.steps * per_step * seq_len
+        train_tokens = args.train_tokens or config.effective_steps * per_step * seq_len
         data = prepare_tokens(
             data_spec_from_args(args), loaded.tokenizer, train_tokens=train_tokens, heldout_tokens=args.heldout_tokens,
             seq_len=seq_len, seed=args.seed, model=loaded.model,

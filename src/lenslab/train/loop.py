@@ -1,10 +1,12 @@
 """`train_lens`: fit a tuned lens to a frozen model on packed token sequences.
 
-One step reads `sequences_per_step` sequences (`lenslab.train.batches`), in micro-batches of
-`TrainConfig.micro_batch_size`. Each micro-batch is one forward of the model under `no_grad` that captures every
-residual and the final logits, then one backward per lens position (`lenslab.train.objective`). Gradients are
-averaged over processes (`lenslab.train.distributed`), checked to be finite, and handed to the recipe
-(`lenslab.train.recipes`) for the update. The output directory (`lenslab.train.checkpoints`) gets a log line per
+A fresh run first fits the translators in closed form (`lenslab.train.closed_form`) on the first
+`TrainConfig.init_tokens` tokens of its reading order, when that is above 0. Then one step reads
+`sequences_per_step` sequences (`lenslab.train.batches`), in micro-batches of `TrainConfig.micro_batch_size`. Each
+micro-batch is one forward of the model under `no_grad` that captures every residual (and the final logits, for
+the plain objective), then the recipe's backward (`lenslab.train.objective`): one per lens position, or one for
+all positions through the chunked KL. Gradients are averaged over processes (`lenslab.train.distributed`), checked
+to be finite, and handed to the recipe (`lenslab.train.recipes`) for the update. The output directory (`lenslab.train.checkpoints`) gets a log line per
 step, a checkpoint every `checkpoint_every` steps, and finally the lens.
 
 >>> result = train_lens(view, data.train, TrainConfig(steps=100), output_dir="lens/")  # doctest: +SKIP
@@ -16,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,10 +35,12 @@ from lenslab.errors import LensLabError
 from lenslab.lenses import TunedLens
 from lenslab.train import checkpoints
 from lenslab.train.batches import sequences_per_step, step_indices
+from lenslab.train.chunked_kl import native_bf16, supports_chunked_kl
+from lenslab.train.closed_form import fit_closed_form
 from lenslab.train.config import TrainConfig
 from lenslab.train.distributed import Processes
-from lenslab.train.objective import backward_by_layer, final_target
-from lenslab.train.recipes import RECIPES
+from lenslab.train.objective import backward_by_layer, backward_chunked, final_target
+from lenslab.train.recipes import RECIPES, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ class TrainResult:
     """The trained lens (on the model's device)."""
     history: list[StepRecord]
     """One record per step, from step 1 (those before a resume included)."""
+    init_tokens: int = 0
+    """Tokens the closed-form start read (over all processes), besides those of the steps."""
 
 
 def run_fingerprint(view: ModelView, tokens: torch.Tensor, config: TrainConfig) -> dict[str, Any]:
@@ -107,7 +114,8 @@ def train_lens(
     The model is put in eval mode and frozen. With `output_dir`, the run logs, checkpoints and saves the lens
     there, resumes from a checkpoint of the same configuration when `resume`, returns a finished lens of the same
     configuration as it is, and refuses a directory holding another configuration's files unless `overwrite`.
-    `lens` (default: a new, untrained `TunedLens`) is trained in place. Under `torchrun` (after
+    `lens` (default: a new, untrained `TunedLens`) is trained in place (its translators are first replaced by the
+    closed-form start when `config.effective_init_tokens` is above 0). Under `torchrun` (after
     `init_distributed`) every process calls this with the same tokens and reads its share of each step.
     `metadata` is saved with the lens; `on_step` is called with each step's record (after its checkpoint).
     """
@@ -117,6 +125,7 @@ def train_lens(
     output_dir = Path(output_dir) if output_dir is not None else None
     num_sequences, seq_len = tokens.shape
     per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
+    init_sequences = min(num_sequences, math.ceil(config.effective_init_tokens / seq_len))
     fingerprint = run_fingerprint(view, tokens, config)
     view.model.eval().requires_grad_(False)
     lens = TunedLens.from_model(view) if lens is None else lens
@@ -131,8 +140,9 @@ def train_lens(
         if start.finished:
             log.info("%s already holds the lens this run would train; loading it", output_dir)
             return TrainResult(
-                TunedLens.load(output_dir, view), [StepRecord(**r) for r in checkpoints.read_log(output_dir)]
-            )
+                TunedLens.load(output_dir, view), [StepRecord(**r) for r in checkpoints.read_log(output_dir)],
+                init_tokens=init_sequences * seq_len,
+            )  # fmt: skip
         if start.checkpoint is not None:
             lens.load_state_dict(start.checkpoint.lens)
             optimizer.load_state_dict(start.checkpoint.optimizer)
@@ -144,18 +154,25 @@ def train_lens(
             checkpoints.write_log(output_dir, [asdict(record) for record in history])
     _log_plan(config, per_step, seq_len, num_sequences, processes)
 
-    use_bf16 = config.mixed_precision and view.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     micro_batch = config.micro_batch_size(seq_len)
+    if first_step == 0 and init_sequences:
+        started = time.perf_counter()
+        # The first sequences of the reading order: the first steps read them again.
+        indices = step_indices(0, init_sequences, num_sequences, config.seed)[processes.rank :: processes.world_size]
+        equations = fit_closed_form(view, lens, tokens[indices], micro_batch, config.ridge, processes)
+        recipe.start(optimizer, equations)
+        elapsed += time.perf_counter() - started
+    objective = _objective(view, recipe, config)
+    steps = config.effective_steps
     step_tokens = per_step * seq_len  # over all processes
     bar = tqdm(
-        total=config.steps, initial=first_step, desc="Training lens", unit="step",
+        total=steps, initial=first_step, desc="Training lens", unit="step",
         disable=not (progress and processes.is_main), dynamic_ncols=True,
     )  # fmt: skip
-    for step in range(first_step, config.steps):
+    for step in range(first_step, steps):
         started = time.perf_counter()
         indices = step_indices(step, per_step, num_sequences, config.seed)[processes.rank :: processes.world_size]
-        layer_losses = _accumulate_gradients(view, lens, tokens[indices], micro_batch, autocast)
+        layer_losses = _accumulate_gradients(view, lens, tokens[indices], micro_batch, objective)
         grads = [param.grad for param in params if param.grad is not None]
         processes.average([layer_losses, *grads])
         grad_norm = torch.nn.utils.get_total_norm(grads)
@@ -174,7 +191,7 @@ def train_lens(
         history.append(record)
         # No checkpoint after the last step: the finished lens is saved instead.
         every = config.checkpoint_every
-        checkpoint_due = every and record.step % every == 0 and record.step < config.steps
+        checkpoint_due = every and record.step % every == 0 and record.step < steps
         if output_dir is not None and processes.is_main:
             checkpoints.append_log(output_dir, asdict(record))
             if checkpoint_due:
@@ -197,8 +214,9 @@ def train_lens(
     lens.metadata = {
         **(metadata or {}),
         "training": fingerprint,
-        "steps_done": config.steps,
-        "tokens_seen": config.steps * step_tokens,
+        "steps_done": steps,
+        "tokens_seen": steps * step_tokens,
+        "init_tokens": init_sequences * seq_len,
         "final_loss": history[-1].loss if history else None,
         "processes": processes.world_size,
     }
@@ -207,15 +225,33 @@ def train_lens(
         checkpoints.remove_checkpoint(output_dir)
         log.debug("Saved the tuned lens to %s", output_dir)
     processes.barrier()
-    return TrainResult(lens=lens, history=history)
+    return TrainResult(lens=lens, history=history, init_tokens=init_sequences * seq_len)
+
+
+class Objective(NamedTuple):
+    """How a micro-batch's gradient is computed (`lenslab.train.objective`)."""
+
+    chunked: bool
+    """All positions at once through the chunked KL (no model logits needed), else one position at a time."""
+    low_precision: bool
+    """The chunked KL's vocabulary-wide products in bfloat16."""
+    autocast: contextlib.AbstractContextManager
+    """Wraps each position's forward in the one-position-at-a-time backward."""
+
+
+def _objective(view: ModelView, recipe: Recipe, config: TrainConfig) -> Objective:
+    """The recipe's objective, in the precision `config.mixed_precision` and the hardware allow."""
+    chunked = recipe.chunked_kl and supports_chunked_kl(view)
+    if recipe.chunked_kl and not chunked:
+        log.warning("The unembedding is not a linear layer, so the KL is computed one position at a time")
+    use_bf16 = config.mixed_precision and view.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    low_precision = chunked and config.mixed_precision and native_bf16(view.device)
+    return Objective(chunked=chunked, low_precision=low_precision, autocast=autocast)
 
 
 def _accumulate_gradients(
-    view: ModelView,
-    lens: TunedLens,
-    tokens: torch.Tensor,
-    micro_batch: int,
-    autocast: contextlib.AbstractContextManager,
+    view: ModelView, lens: TunedLens, tokens: torch.Tensor, micro_batch: int, objective: Objective
 ) -> torch.Tensor:
     """Add to the lens's `.grad`s the gradient of the step's loss on this process's `tokens`: [n, seq_len];
     returns the mean KL per token at each lens position 0..L-1: [L]."""
@@ -226,13 +262,18 @@ def _accumulate_gradients(
         with torch.no_grad():
             # Packed sequences have no padding; the explicit mask only tells transformers so, since the
             # separator token is often also the pad token and would otherwise draw a warning.
-            residuals = view.capture(input_ids, torch.ones_like(input_ids))
-        target = final_target(residuals.logits)
-        hidden = residuals.hidden
-        del residuals  # the model's logits have served: one [batch, seq, vocab] tensor fewer during the backward
-        layer_sums += backward_by_layer(lens, hidden, target, scale, autocast)
+            residuals = view.capture(input_ids, torch.ones_like(input_ids), need_logits=not objective.chunked)
+        hidden, logits = residuals
+        del residuals
+        if objective.chunked:
+            layer_sums += backward_chunked(lens, hidden, scale, low_precision=objective.low_precision)
+        else:
+            target = final_target(logits)
+            del logits  # the model's logits have served: one [batch, seq, vocab] tensor fewer during the backward
+            layer_sums += backward_by_layer(lens, hidden, target, scale, objective.autocast)
+            del target
         # Freed before the next forward, so two batches' [batch, seq, vocab] tensors are never alive at once.
-        del hidden, target
+        del hidden
     return layer_sums / tokens.numel()
 
 
@@ -258,15 +299,15 @@ def _log_plan(config: TrainConfig, per_step: int, seq_len: int, num_sequences: i
             "Using %d sequences of %d tokens (%d tokens) per step for --tokens-per-step %d",
             per_step, seq_len, per_step * seq_len, config.tokens_per_step,
         )  # fmt: skip
-    needed = config.steps * per_step
+    needed = config.effective_steps * per_step
     if needed > num_sequences:
         log.warning(
             "The data holds %d sequences but %d steps read %d, so each is read about %.1f times; pass more "
-            "--train-tokens to see each once.", num_sequences, config.steps, needed, needed / num_sequences,
+            "--train-tokens to see each once.", num_sequences, config.effective_steps, needed, needed / num_sequences,
         )  # fmt: skip
     log.info(
         "Training %d steps of %d sequences in micro-batches of %d on %d process(es)",
-        config.steps, per_step, min(config.micro_batch_size(seq_len), per_step // processes.world_size),
+        config.effective_steps, per_step, min(config.micro_batch_size(seq_len), per_step // processes.world_size),
         processes.world_size,
     )  # fmt: skip
 

@@ -10,6 +10,11 @@ gives the gradient of the summed loss while only one position's logits are ever 
 
 KL(p || q) is computed as the soft-target cross-entropy H(p, q) minus the entropy H(p): PyTorch fuses the
 cross-entropy with its log-softmax, and H(p) is computed once per batch instead of once per position.
+
+`backward_chunked` is the fast recipe's version of the same gradient: every position's translator and final
+norm run under autograd on [positions, tokens, d_model] tensors, and the vocabulary-wide part runs in chunks of
+tokens with a hand-written gradient (`lenslab.train.chunked_kl`), so no position's [batch, seq, vocab] logits are
+ever whole.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lenslab.lenses import Lens
+from lenslab.train.chunked_kl import chunked_kl, head_input
 
 
 class Target(NamedTuple):
@@ -67,3 +73,21 @@ def backward_by_layer(
         (kl * scale).backward()
         sums.append(kl.detach())
     return torch.stack(sums)
+
+
+def backward_chunked(lens: Lens, hidden: list[Tensor], scale: float, *, low_precision: bool) -> Tensor:
+    """Add the gradient of `scale` * (summed KL at every position 0..L-1) to the lens's `.grad`s in one backward;
+    returns the per-position KL sums (nats, summed over tokens), detached: [L].
+
+    hidden: the captured residuals, each [batch, seq, d_model] (the model's logits are not needed: the target is
+    decoded from hidden[L] chunk by chunk). `low_precision`: see `lenslab.train.chunked_kl`.
+    """
+    view = lens.view
+    with torch.no_grad():
+        z_final = head_input(view, hidden[view.num_layers]).flatten(0, -2)  # [tokens, d_unembed]
+    z_lens = torch.stack(
+        [head_input(view, lens.transform(hidden[layer], layer)) for layer in range(view.num_layers)]
+    ).flatten(1, -2)  # [L, tokens, d_unembed]
+    sums = chunked_kl(view, z_lens, z_final, low_precision=low_precision)
+    (sums.sum() * scale).backward()
+    return sums.detach()
