@@ -8,7 +8,7 @@ partner as in the lens) and measure the expected KL between the model's clean an
 
 The Spearman rank correlation between the lens influences and the model influences of the k directions says
 whether the lens ranks directions the way the model does (the tuned lens paper reports ρ ≈ 0.89 for the tuned
-lens on Pythia).
+lens).
 """
 
 from __future__ import annotations

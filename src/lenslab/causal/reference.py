@@ -101,6 +101,8 @@ def initial_directions(lens: Lens, d_model: int, k: int, seed: int = 0) -> Tenso
     vectors (the residual directions the logits are most sensitive to), or random ones if the widths differ."""
     weight = lens.view.unembedding_weight().detach().float()  # [vocab, d_unembed]
     if weight.shape[1] == d_model:
-        return torch.linalg.svd(weight, full_matrices=False).Vh[:k]
+        # Right singular vectors = eigenvectors of WᵀW ([d_model, d_model], all d_model of them even when the
+        # vocabulary is smaller), largest first.
+        return torch.linalg.eigh(weight.double().T @ weight.double()).eigenvectors.flip(-1).T[:k].float()
     generator = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(d_model, k, generator=generator)).Q.T

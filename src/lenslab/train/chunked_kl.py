@@ -72,6 +72,26 @@ def _cap(raw: Tensor, scale: float, softcap: float | None) -> tuple[Tensor, Tens
     return tanh * softcap, tanh
 
 
+def _kl_and_logit_grad(
+    raw: Tensor, target: Tensor, neg_entropy: Tensor, scale: float, softcap: float | None, grad_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """KL(p || q) per (position, token) [P, c] and its gradient with respect to `raw` [P, c, vocab] in `grad_dtype`.
+
+    raw: [P, c, vocab] float32 unembedding outputs of the lens (overwritten); target: [c, vocab] p_final;
+    neg_entropy: [c] sum_v p log p.
+    """
+    logits, tanh = _cap(raw, scale, softcap)
+    log_probs = logits.log_softmax(-1)
+    del logits, raw
+    kl = neg_entropy - torch.einsum("pcv,cv->pc", log_probs, target)  # sum_v p (log p - log q)
+    grad_logits = log_probs.exp_().sub_(target)  # softmax(q) - p
+    if tanh is not None:  # d/draw softcap * tanh(scale * raw / softcap) = scale * (1 - tanh^2)
+        grad_logits.mul_(tanh.square_().neg_().add_(1))
+    if scale != 1:
+        grad_logits.mul_(scale)
+    return kl, grad_logits.to(grad_dtype)
+
+
 class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_lens, z_final, weight, bias, logit_scale, softcap, low_precision):
@@ -80,6 +100,7 @@ class _ChunkedKL(torch.autograd.Function):
         weight32 = weight.float()
         bias32 = None if bias is None else bias.float()
         weight_low = weight.to(LOW_PRECISION_DTYPE) if low_precision else None
+        matmul_dtype = LOW_PRECISION_DTYPE if low_precision else torch.float32
         sums = torch.zeros(positions, dtype=torch.float32, device=z_lens.device)
         grad = torch.empty(z_lens.shape, dtype=torch.float32, device=z_lens.device)
         chunk = max(1, CHUNK_ROWS // positions)
@@ -89,28 +110,18 @@ class _ChunkedKL(torch.autograd.Function):
             raw_target = F.linear(final, weight32, bias32)  # [c, vocab]
             target_log_probs = _cap(raw_target.clone(), scale, softcap)[0].log_softmax(-1)
             target = target_log_probs.exp()
-            neg_entropy = torch.einsum("cv,cv->c", target, target_log_probs)  # sum_v p log p: [c]
+            neg_entropy = (target * target_log_probs).sum(-1)  # sum_v p log p: [c]
             del target_log_probs
             lens_in = z_lens[:, rows].float()  # [P, c, d]
             if low_precision:
                 difference = (lens_in - final).to(LOW_PRECISION_DTYPE)
-                raw = raw_target + difference @ weight_low.T  # float32 [P, c, vocab]
+                # Upcast first, then add in place: a mixed-dtype add is twice as slow on CPU.
+                raw = (difference @ weight_low.T).float().add_(raw_target)  # [P, c, vocab]
             else:
                 raw = F.linear(lens_in, weight32, bias32)
-            logits, tanh = _cap(raw, scale, softcap)
-            log_probs = logits.log_softmax(-1)
-            del logits, raw
-            # KL = sum_v p (log p - log q), per (position, token): [P, c]
-            sums += (neg_entropy - torch.einsum("pcv,cv->pc", log_probs, target)).sum(-1)
-            grad_logits = log_probs.exp_().sub_(target)  # softmax(q) - p: [P, c, vocab]
-            if tanh is not None:  # d/draw softcap * tanh(scale * raw / softcap) = scale * (1 - tanh^2)
-                grad_logits.mul_(tanh.square_().neg_().add_(1))
-            if scale != 1:
-                grad_logits.mul_(scale)
-            if low_precision:
-                grad[:, rows] = grad_logits.to(LOW_PRECISION_DTYPE) @ weight_low
-            else:
-                grad[:, rows] = grad_logits @ weight32
+            kl, grad_logits = _kl_and_logit_grad(raw, target, neg_entropy, scale, softcap, matmul_dtype)
+            sums += kl.sum(-1)
+            grad[:, rows] = grad_logits @ (weight_low if low_precision else weight32)
         ctx.save_for_backward(grad)
         ctx.input_dtype = z_lens.dtype
         return sums
