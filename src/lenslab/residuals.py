@@ -18,9 +18,12 @@ last hidden state already has the final norm applied in most families.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from lenslab.errors import LensLabError
 
@@ -68,7 +71,6 @@ def capture_residuals(
     hidden: list[Tensor | None] = [None] * num_positions
     if not wanted and not need_logits:
         return Residuals(hidden=hidden, logits=None)
-    # Position p is captured when layer p - 1 returns (position 0 just before layer 0 starts).
     stop_at = None if need_logits else wanted[-1]
 
     def store(position: int, h: Tensor) -> None:
@@ -76,19 +78,7 @@ def capture_residuals(
         if position == stop_at:
             raise _StopForward
 
-    def before_first_layer(module, args, kwargs):
-        # transformers 5 may pass hidden_states by keyword.
-        store(0, args[0] if args else kwargs["hidden_states"])
-
-    def after_layer(position: int):
-        def hook(module, args, output):
-            # Layers return the hidden states alone or first in a tuple.
-            store(position, output[0] if isinstance(output, (tuple, list)) else output)
-
-        return hook
-
-    handles = [view.layers[0].register_forward_pre_hook(before_first_layer, with_kwargs=True)] if 0 in wanted else []
-    handles += [view.layers[p - 1].register_forward_hook(after_layer(p)) for p in wanted if p > 0]
+    handles = [hook_residual(view, p, partial(store, p)) for p in wanted]
     try:
         output = view.model(**_forward_kwargs(view, input_ids, attention_mask))
     except _StopForward:
@@ -97,6 +87,36 @@ def capture_residuals(
         for handle in handles:
             handle.remove()
     return Residuals(hidden=hidden, logits=output.logits if need_logits else None)
+
+
+def hook_residual(view: ModelView, position: int, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+    """Call ``fn(h)`` on the residual at lens ``position`` during every forward; a returned tensor replaces h.
+
+    h: [batch, seq, d_model]. Position 0 is seen just before layer 0 runs (a pre-hook), position l > 0 when
+    layer l - 1 returns. The one place that knows where lens positions live in the forward pass.
+    """
+    if position == 0:
+
+        def before_first_layer(module, args, kwargs):
+            # transformers 5 may pass hidden_states by keyword.
+            replacement = fn(args[0] if args else kwargs["hidden_states"])
+            if replacement is None:
+                return None
+            if args:
+                return (replacement, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": replacement}
+
+        return view.layers[0].register_forward_pre_hook(before_first_layer, with_kwargs=True)
+
+    def after_layer(module, args, output):
+        # Layers return the hidden states alone or first in a tuple.
+        in_tuple = isinstance(output, (tuple, list))
+        replacement = fn(output[0] if in_tuple else output)
+        if replacement is None:
+            return None
+        return type(output)((replacement, *output[1:])) if in_tuple else replacement
+
+    return view.layers[position - 1].register_forward_hook(after_layer)
 
 
 def _forward_kwargs(view: ModelView, input_ids: Tensor, attention_mask: Tensor | None) -> dict:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lenslab.errors import LensLabError
+from lenslab.residuals import hook_residual
 
 if TYPE_CHECKING:
     from lenslab.adapter import ModelView
@@ -123,8 +124,7 @@ def ablate_each(h: Tensor, directions: Tensor, replacement: Tensor) -> Tensor:
 def residual_edit(view: ModelView, position: int, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """While active, every forward of ``view.model`` replaces the residual h at lens ``position`` by edit(h).
 
-    Position 0 is the input of layer 0 (a pre-hook), position l > 0 the output of layer l - 1 (a forward
-    hook), matching `lenslab.residuals`. ``edit`` maps [batch, seq, d_model] to the same shape; its result is
+    Positions are those of `lenslab.residuals` (the hook is `hook_residual`). ``edit`` maps [batch, seq, d_model] to the same shape; its result is
     cast to the residual's dtype. The hook is removed on exit, even on errors.
     """
     if not 0 <= position < view.num_positions:
@@ -136,22 +136,7 @@ def residual_edit(view: ModelView, position: int, edit: Callable[[Tensor], Tenso
     def edited(h: Tensor) -> Tensor:
         return edit(h).to(h.dtype)
 
-    def before_first_layer(module, args, kwargs):
-        # transformers 5 may pass hidden_states by keyword.
-        if args:
-            return (edited(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": edited(kwargs["hidden_states"])}
-
-    def after_layer(module, args, output):
-        # Layers return the hidden states alone or first in a tuple.
-        if isinstance(output, (tuple, list)):
-            return type(output)((edited(output[0]), *output[1:]))
-        return edited(output)
-
-    if position == 0:
-        handle = view.layers[0].register_forward_pre_hook(before_first_layer, with_kwargs=True)
-    else:
-        handle = view.layers[position - 1].register_forward_hook(after_layer)
+    handle = hook_residual(view, position, edited)
     try:
         yield
     finally:
