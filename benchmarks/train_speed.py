@@ -7,8 +7,8 @@
 Trains a tuned lens on a fixed small model (default: the 6-layer Austen GPT-2 in /work/shared) with lenslab's
 `train_lens`, once per recipe in `--recipes`, and, when `--tuned-lens-python` points at a Python with `tuned-lens`
 0.2.0 installed, with tuned-lens's own training loop on the same model, text and settings. Each trainer runs in a
-fresh subprocess, so that its peak memory is its own: on CPU the growth of the process's maximum resident set size
-during training (tracemalloc cannot see torch's allocations), on GPU `torch.cuda.max_memory_allocated`. Only
+fresh subprocess, so that its peak memory is its own: on CPU the growth of the process's resident set size from
+the start of training to its peak (see `PeakMemory`), on GPU `torch.cuda.max_memory_allocated`. Only
 training is timed, not loading the model or tokenizing; for the fast recipe the closed-form start is part of it.
 Two speeds are reported: "steps" counts the tokens of the optimiser steps over the steps' time, "run" adds the
 tokens the closed-form start read and its time. All lenses are then scored here, by `lenslab.evaluate`, on held-out
@@ -29,9 +29,10 @@ lenslab and tuned-lens only inside the functions that need them: the tuned-lens 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -89,13 +90,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def max_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mib(field: str) -> float:
+    """A size from /proc/self/status (Linux), e.g. VmRSS (resident now) or VmHWM (resident at peak), in MiB."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1)) / 1024
 
 
 class PeakMemory:
-    """Peak memory that a block of code adds: CUDA's allocator peak on GPU, max-RSS growth on CPU."""
+    """Peak memory that a block of code adds: CUDA's allocator peak on GPU, resident-set growth on CPU.
+
+    On CPU (tracemalloc cannot see torch's allocations) the heap's free memory is first returned to the system
+    (glibc's malloc_trim) and the kernel's peak-RSS mark reset (/proc/self/clear_refs), so the peak measured is
+    this block's, not that of loading the model before it.
+    """
 
     def __init__(self, device: str):
         import torch
@@ -106,7 +113,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated() / 2**20
         else:
-            self.start = max_rss_mib()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+            self.start = status_mib("VmRSS")
 
     def mib(self) -> float:
         import torch
@@ -114,7 +123,7 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() / 2**20 - self.start
-        return max_rss_mib() - self.start
+        return status_mib("VmHWM") - self.start
 
 
 def lenslab_worker(args: argparse.Namespace) -> dict:
@@ -278,7 +287,8 @@ def memory_scaling(args: argparse.Namespace, scratch: Path, recipes: list[str]) 
             peaks[size], vocab = run["peak_memory_mib"], run["vocab"]
         tokens = (sizes[-1] - sizes[0]) * args.seq_len
         logits_mib = tokens * vocab * 4 / 2**20  # one layer's float32 logits for the added tokens
-        scaling[recipe] = {"peak_mib": peaks, "growth_in_layer_logits": (peaks[sizes[-1]] - peaks[sizes[0]]) / logits_mib}
+        growth = (peaks[sizes[-1]] - peaks[sizes[0]]) / logits_mib
+        scaling[recipe] = {"peak_mib": peaks, "growth_in_layer_logits": growth}
     return scaling
 
 

@@ -345,6 +345,18 @@ def test_cli_trains_a_lens_end_to_end(tiny_lm, tmp_path, capsys):
     assert "different configuration (differing in config.lr)" in capsys.readouterr().err
 
 
+def test_cli_recipe_flag_selects_the_recipe_and_its_defaults(tiny_lm, tmp_path):
+    common = ["train", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.train_text_path), "--steps", "2",
+              "--tokens-per-step", "128", "--seq-len", "32", "--device", "cpu"]  # fmt: skip
+    assert main([*common, "--output", str(tmp_path / "paper"), "--recipe", "paper"]) == 0
+    assert main([*common, "--output", str(tmp_path / "fast")]) == 0
+    paper = TunedLens.load(tmp_path / "paper", tiny_lm.model).metadata
+    fast = TunedLens.load(tmp_path / "fast", tiny_lm.model).metadata
+    assert paper["training"]["config"] | {"recipe": "fast"} != fast["training"]["config"]
+    assert (paper["training"]["config"]["optimizer"], paper["init_tokens"]) == ("sgd", 0)
+    assert (fast["training"]["config"]["optimizer"], fast["init_tokens"]) == ("whitened", 256)  # all 8 sequences
+
+
 def test_cli_reports_too_little_data_with_exit_code_2(tiny_lm, tmp_path, capsys):
     args = ["train", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.heldout_text_path),
             "--output", str(tmp_path / "lens"), "--steps", "1000", "--device", "cpu"]  # fmt: skip

@@ -82,7 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None, metavar="N",
         help="sequences per forward pass in each process; lower it if memory runs out (default: about 8192 tokens)",
     )  # fmt: skip
-    group.add_argument("--optimizer", choices=("sgd", "adam", "whitened"), default=None, help=f"({per_recipe('optimizer')})")
+    group.add_argument(
+        "--optimizer", choices=("sgd", "adam", "whitened"), default=None,
+        help=f"whitened: SGD on gradients whitened by the closed-form start's statistics ({per_recipe('optimizer')})",
+    )  # fmt: skip
     group.add_argument(
         "--lr", type=float, default=None,
         help="effective learning rate (default: 1.0 for sgd, whose momentum gain is divided out; 1e-3 for adam; "

@@ -2,10 +2,13 @@
 
 The package follows the pieces of a run, each readable alone:
 
-    config.py        TrainConfig: every setting, defaulting to the tuned lens paper's recipe
+    config.py        TrainConfig: every setting, and what each recipe (fast, the default, or paper) fills in
     batches.py       which sequences each step reads, a function of (seed, step)
-    objective.py     KL(p_final || p_lens) summed over positions, back-propagated one position at a time
-    recipes.py       optimiser, learning-rate schedule and update (pluggable: RECIPES)
+    closed_form.py   the fast recipe's start: each translator fitted by ridge least squares
+    objective.py     KL(p_final || p_lens) summed over positions, back-propagated one position at a time or
+                     through chunked_kl.py: all positions at once, the vocabulary in chunks of tokens, bfloat16
+    whitened_sgd.py  the fast recipe's optimiser: SGD on gradients whitened by the closed-form statistics
+    recipes.py       start, objective, optimiser, learning-rate schedule and update (pluggable: RECIPES)
     distributed.py   torchrun data parallelism: each process a share of every step, gradients averaged
     checkpoints.py   what the output directory holds, resume and refusal to overwrite
     loop.py          train_lens, tying them together

@@ -11,11 +11,15 @@ any time, and the backward is a multiplication by the stored [positions, tokens,
 The target's logits are computed here from the last residual (the model's own head, in float32) rather than
 taken from the model's output, so the model's [batch, seq, vocab] logits need not exist at all.
 
+Everything is computed from the *gap* between a lens position's logits and the target's, (z_lens - z_final) @ W.T
+(the bias cancels): the KL is log sum_v p_v e^gap_v - sum_v p_v gap_v, two terms that vanish together as the lens
+approaches the target, so that even a KL of 1e-7 nats keeps its relative precision in float32.
+
 `low_precision` runs both vocabulary-wide matrix products in bfloat16 (which CPUs with AMX and all recent GPUs
-multiply several times faster than float32) without rounding the logits themselves: a lens position's logits are
-the target's float32 logits plus (z_lens - z_final) @ W.T in bfloat16, so the rounding error scales with the
-*difference* from the target (small exactly where the KL is small, at late positions) and not with the logits.
-The gradient product (softmax(q) - p) @ W rounds the difference, never the two probabilities separately.
+multiply several times faster than float32) without rounding the logits themselves: only the gap is rounded, so
+the error scales with the difference from the target (small exactly where the KL is small, at late positions),
+and the target's logits stay float32. The gradient product (softmax(q) - p) @ W likewise rounds the difference,
+never the two probabilities separately.
 """
 
 from __future__ import annotations
@@ -50,6 +54,17 @@ def supports_chunked_kl(view: ModelView) -> bool:
     return isinstance(view.unembed, nn.Linear)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively (so faster than float32, not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # torch has no public query for these CPU features; the private ones are read defensively.
+        checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        return any(check is not None and check() for check in checks)
+    return False
+
+
 def chunked_kl(view: ModelView, z_lens: Tensor, z_final: Tensor, *, low_precision: bool = False) -> Tensor:
     """Per-position sums over tokens of KL(p_final || p_lens) in nats: [positions]; differentiable in `z_lens`.
 
@@ -72,24 +87,21 @@ def _cap(raw: Tensor, scale: float, softcap: float | None) -> tuple[Tensor, Tens
     return tanh * softcap, tanh
 
 
-def _kl_and_logit_grad(
-    raw: Tensor, target: Tensor, neg_entropy: Tensor, scale: float, softcap: float | None, grad_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """KL(p || q) per (position, token) [P, c] and its gradient with respect to `raw` [P, c, vocab] in `grad_dtype`.
+def _kl_and_logit_grad(gap: Tensor, target_log_probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(p || q) per (position, token) [P, c] and its gradient softmax(q) - p with respect to the lens logits.
 
-    raw: [P, c, vocab] float32 unembedding outputs of the lens (overwritten); target: [c, vocab] p_final;
-    neg_entropy: [c] sum_v p log p.
+    gap: [P, c, vocab] float32 lens logits minus target logits (overwritten: the gradient is returned in it);
+    target_log_probs, target: [c, vocab] log p and p. Since q = p e^gap / sum(p e^gap),
+    KL = log sum_v p_v e^gap_v - sum_v p_v gap_v: both terms vanish as q approaches p, so the KL keeps its relative
+    precision however large the logits are (log p - log q from two log-softmaxes would round to ~1e-6 nats).
     """
-    logits, tanh = _cap(raw, scale, softcap)
-    log_probs = logits.log_softmax(-1)
-    del logits, raw
-    kl = neg_entropy - torch.einsum("pcv,cv->pc", log_probs, target)  # sum_v p (log p - log q)
-    grad_logits = log_probs.exp_().sub_(target)  # softmax(q) - p
-    if tanh is not None:  # d/draw softcap * tanh(scale * raw / softcap) = scale * (1 - tanh^2)
-        grad_logits.mul_(tanh.square_().neg_().add_(1))
-    if scale != 1:
-        grad_logits.mul_(scale)
-    return kl, grad_logits.to(grad_dtype)
+    mean_gap = torch.einsum("pcv,cv->pc", gap, target)
+    shifted = gap.add_(target_log_probs)  # log q + log sum(p e^gap)
+    peak = shifted.amax(-1, keepdim=True)
+    weights = shifted.sub_(peak).exp_()
+    total = weights.sum(-1, keepdim=True)
+    kl = (peak + total.log()).squeeze(-1) - mean_gap
+    return kl, weights.div_(total).sub_(target)
 
 
 class _ChunkedKL(torch.autograd.Function):
@@ -99,8 +111,8 @@ class _ChunkedKL(torch.autograd.Function):
         scale = 1.0 if logit_scale is None else float(logit_scale)
         weight32 = weight.float()
         bias32 = None if bias is None else bias.float()
-        weight_low = weight.to(LOW_PRECISION_DTYPE) if low_precision else None
         matmul_dtype = LOW_PRECISION_DTYPE if low_precision else torch.float32
+        matmul_weight = weight.to(matmul_dtype)  # [vocab, d]
         sums = torch.zeros(positions, dtype=torch.float32, device=z_lens.device)
         grad = torch.empty(z_lens.shape, dtype=torch.float32, device=z_lens.device)
         chunk = max(1, CHUNK_ROWS // positions)
@@ -108,20 +120,25 @@ class _ChunkedKL(torch.autograd.Function):
             rows = slice(start, start + chunk)
             final = z_final[rows].float()  # [c, d]
             raw_target = F.linear(final, weight32, bias32)  # [c, vocab]
-            target_log_probs = _cap(raw_target.clone(), scale, softcap)[0].log_softmax(-1)
+            target_logits = _cap(raw_target.clone(), scale, softcap)[0]
+            target_log_probs = target_logits.log_softmax(-1)
             target = target_log_probs.exp()
-            neg_entropy = (target * target_log_probs).sum(-1)  # sum_v p log p: [c]
-            del target_log_probs
-            lens_in = z_lens[:, rows].float()  # [P, c, d]
-            if low_precision:
-                difference = (lens_in - final).to(LOW_PRECISION_DTYPE)
-                # Upcast first, then add in place: a mixed-dtype add is twice as slow on CPU.
-                raw = (difference @ weight_low.T).float().add_(raw_target)  # [P, c, vocab]
+            # The lens's unembedding outputs minus the target's (the bias cancels), upcast before any addition.
+            difference = (z_lens[:, rows].float() - final).to(matmul_dtype)
+            gap = (difference @ matmul_weight.T).float()  # [P, c, vocab]
+            if softcap is None:
+                tanh = None
+                gap.mul_(scale)
             else:
-                raw = F.linear(lens_in, weight32, bias32)
-            kl, grad_logits = _kl_and_logit_grad(raw, target, neg_entropy, scale, softcap, matmul_dtype)
+                logits, tanh = _cap(gap.add_(raw_target), scale, softcap)
+                gap = logits.sub_(target_logits)
+            kl, grad_logits = _kl_and_logit_grad(gap, target_log_probs, target)
             sums += kl.sum(-1)
-            grad[:, rows] = grad_logits @ (weight_low if low_precision else weight32)
+            if tanh is not None:  # d/draw softcap * tanh(scale * raw / softcap) = scale * (1 - tanh^2)
+                grad_logits.mul_(tanh.square_().neg_().add_(1))
+            if scale != 1:
+                grad_logits.mul_(scale)
+            grad[:, rows] = grad_logits.to(matmul_dtype) @ matmul_weight
         ctx.save_for_backward(grad)
         ctx.input_dtype = z_lens.dtype
         return sums
@@ -132,13 +149,3 @@ class _ChunkedKL(torch.autograd.Function):
         grad_lens = (grad * grad_sums[:, None, None]).to(ctx.input_dtype)
         return grad_lens, None, None, None, None, None, None
 
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 matrices natively (so faster than float32, not emulated)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        # torch has no public query for these CPU features; the private ones are read defensively.
-        checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-        return any(check is not None and check() for check in checks)
-    return False

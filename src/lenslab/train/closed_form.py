@@ -7,8 +7,10 @@ h_l (the "jump to conclusions" map of Din et al. 2023): the ridge solution of
     minimise over A, b   sum over tokens |h_L - h_l - (A h_l + b)|^2  +  lambda |A|_F^2
 
 whose normal equations need only X^T X and X^T Y (X = [h_l, 1], Y = h_L - h_l), summed over micro-batches in
-float64 and solved once per position with `torch.linalg.solve`. A few thousand tokens pin it down (d_model + 1
-unknowns per output coordinate), and it starts the KL fine-tuning far below where the zero (logit lens) start is.
+float64 and solved once per position by a Cholesky factorisation (the regularised X^T X is symmetric positive
+definite; and torch 2.13's batched LU, behind `torch.linalg.solve` and `inv`, hangs in MKL with two CPU threads).
+A few thousand tokens pin it down (d_model + 1 unknowns per output coordinate), and it starts the KL fine-tuning
+far below where the zero (logit lens) start is.
 
 lambda is `ridge` times the mean diagonal of X^T X (the bias column excluded and not penalised), so the same
 setting suits residual streams of any scale. Memory: 2 L (d_model + 1)^2 float64 numbers.
@@ -78,22 +80,26 @@ def regularised_gram(equations: NormalEquations, ridge: float) -> Tensor:
 def solve_ridge(equations: NormalEquations, ridge: float, bias: bool) -> tuple[Tensor, Tensor | None]:
     """The ridge solution of every position: weights [L, d_model, d_model] (as `nn.Linear.weight`, so that
     translator(h) = h @ weight.T + bias) and biases [L, d_model] (None without bias), float64."""
-    gram = regularised_gram(equations, ridge)
     d_model = equations.cross.shape[-1]
-    try:
-        solution = torch.linalg.solve(gram, equations.cross)  # [L, k, d_model]
-    except torch.linalg.LinAlgError:
-        raise LensLabError(
-            "The closed-form initialisation's least-squares problem is singular (too few distinct tokens for the "
-            "residual width); pass a larger --init-tokens or --ridge, or --init-tokens 0 to start from zero."
-        ) from None
+    solution = torch.cholesky_solve(equations.cross, _cholesky(equations, ridge))  # [L, k, d_model]
     weights = solution[:, :d_model].transpose(1, 2)
     return weights, (solution[:, d_model] if bias else None)
 
 
 def input_inverses(equations: NormalEquations, ridge: float) -> Tensor:
     """The inverse of each position's regularised second moment (X^T X + lambda I) / tokens: [L, k, k] float64."""
-    return torch.linalg.inv(regularised_gram(equations, ridge) / equations.count)
+    return torch.cholesky_inverse(_cholesky(equations, ridge)) * equations.count
+
+
+def _cholesky(equations: NormalEquations, ridge: float) -> Tensor:
+    """Lower Cholesky factors of the regularised X^T X: [L, k, k]; raises when it is not positive definite."""
+    factors, info = torch.linalg.cholesky_ex(regularised_gram(equations, ridge))
+    if info.any():
+        raise LensLabError(
+            "The closed-form start's least-squares problem is singular (too few distinct tokens for the residual "
+            "width); pass a larger --init-tokens or --ridge, or --init-tokens 0 to start from the logit lens."
+        )
+    return factors
 
 
 def fit_closed_form(

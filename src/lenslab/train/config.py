@@ -26,14 +26,19 @@ class RecipeDefaults(NamedTuple):
     """What a recipe (`lenslab.train.recipes.Recipe.defaults`) uses for the `TrainConfig` settings left at None."""
 
     steps: int
+    """`TrainConfig.steps`."""
     optimizer: str
+    """`TrainConfig.optimizer`."""
     weight_decay: float
+    """`TrainConfig.weight_decay`."""
     init_tokens: int
+    """`TrainConfig.init_tokens`: 0 for no closed-form start."""
     warmup_fraction: float
     """Warm-up steps as a fraction of the steps (at most 1000) when the optimiser is Adam; SGD never warms up."""
 
 
 RECIPE_DEFAULTS = {
+    # No weight decay in the fast recipe: it would pull the closed-form start back toward the logit lens.
     "fast": RecipeDefaults(steps=60, optimizer="whitened", weight_decay=0.0, init_tokens=2**16, warmup_fraction=0.1),
     "paper": RecipeDefaults(steps=250, optimizer="sgd", weight_decay=1e-3, init_tokens=0, warmup_fraction=0.2),
 }
@@ -41,7 +46,8 @@ RECIPE_DEFAULTS = {
 
 DEFAULT_LR = {"sgd": 1.0, "adam": 1e-3, "whitened": 30.0}
 """Effective learning rate per optimiser when `lr` is None (tuned-lens's for SGD and Adam; whitened: measured in
-`docs/benchmarks.md`, where 10 to 100 all beat Adam)."""
+`docs/benchmarks.md`, where 10 to 100 all beat Adam; 100 did a little better than 30 there but moves the lens
+further on rounding noise, see `lenslab.train.whitened_sgd.DAMPING`)."""
 
 MICRO_BATCH_TOKENS = 2**13
 """Tokens per micro-batch when `batch_size` is None: large enough to keep a GPU busy, small enough that one

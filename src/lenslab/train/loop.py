@@ -6,8 +6,9 @@ A fresh run first fits the translators in closed form (`lenslab.train.closed_for
 micro-batch is one forward of the model under `no_grad` that captures every residual (and the final logits, for
 the plain objective), then the recipe's backward (`lenslab.train.objective`): one per lens position, or one for
 all positions through the chunked KL. Gradients are averaged over processes (`lenslab.train.distributed`), checked
-to be finite, and handed to the recipe (`lenslab.train.recipes`) for the update. The output directory (`lenslab.train.checkpoints`) gets a log line per
-step, a checkpoint every `checkpoint_every` steps, and finally the lens.
+to be finite, and handed to the recipe (`lenslab.train.recipes`) for the update. The output directory
+(`lenslab.train.checkpoints`) gets a log line per step, a checkpoint every `checkpoint_every` steps, and finally
+the lens.
 
 >>> result = train_lens(view, data.train, TrainConfig(steps=100), output_dir="lens/")  # doctest: +SKIP
 >>> result.history[-1].loss                                                            # doctest: +SKIP

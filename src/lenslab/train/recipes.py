@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from lenslab.train.closed_form import NormalEquations, input_inverses
 from lenslab.train.config import RECIPE_DEFAULTS, RecipeDefaults
-from lenslab.train.whitened_sgd import WhitenedSGD
+from lenslab.train.whitened_sgd import DAMPING, WhitenedSGD
 
 if TYPE_CHECKING:
     from lenslab.train.config import TrainConfig
@@ -114,7 +114,7 @@ class PaperRecipe(Recipe):
 
     def start(self, optimizer: Optimizer, equations: NormalEquations) -> None:
         if isinstance(optimizer, WhitenedSGD):
-            optimizer.set_preconditioners(input_inverses(equations, self.config.ridge))
+            optimizer.set_preconditioners(input_inverses(equations, DAMPING))
 
     def update(self, optimizer: Optimizer, params: list[nn.Parameter], step: int, grad_norm: torch.Tensor) -> float:
         torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm, grad_norm)
@@ -134,7 +134,6 @@ class FastRecipe(PaperRecipe):
     there and, taking steps of the same size in every coordinate, disturbs the nearly exact late positions.)
     """
 
-    # No weight decay: it would pull the closed-form start back toward the logit lens.
     name = "fast"
     defaults = RECIPE_DEFAULTS["fast"]
     amsgrad = False
