@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import socket
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from lenslab.train import chunked_kl as chunked_kl_module
 from lenslab.train.chunked_kl import chunked_kl, head_input
 from lenslab.train.closed_form import NormalEquations, input_inverses, solve_ridge
 from lenslab.train.config import RECIPE_DEFAULTS
+from lenslab.train.native_kl import native_kl
 from lenslab.train.objective import backward_by_layer, backward_chunked, final_target, layer_kl_sum
 from lenslab.train.recipes import FastRecipe, PaperRecipe
 from lenslab.train.whitened_sgd import WhitenedSGD
@@ -118,11 +121,54 @@ def test_closed_form_start_sets_the_translators_and_needs_enough_tokens():
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["native", "torch"])
+def kl_kernel(request, monkeypatch):
+    """Run the chunked KL's element-wise part in the compiled kernel, or in PyTorch operations."""
+    if request.param == "native":
+        if native_kl() is None:
+            pytest.skip("the KL kernel needs GCC on Linux (see lenslab.train.native_kl)")
+    else:
+        monkeypatch.setattr(chunked_kl_module, "native_kl", lambda: None)
+    return request.param
+
+
+def test_the_kl_kernel_builds_wherever_gcc_runs_on_linux():
+    if platform.system() == "Linux" and shutil.which("gcc"):
+        assert native_kl() is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kl_kernel_equals_its_pytorch_twin_on_several_threads(dtype):
+    kernel = native_kl()
+    if kernel is None:
+        pytest.skip("the KL kernel needs GCC on Linux (see lenslab.train.native_kl)")
+    generator = torch.Generator().manual_seed(0)
+    positions, tokens, vocab, scale = 3, 5, 1000, 1.7
+    gap = (4 * torch.randn(positions * tokens, vocab, generator=generator)).to(dtype)
+    log_p = (3 * torch.randn(tokens, vocab, generator=generator)).log_softmax(-1)
+    grad, kl = torch.empty_like(gap), torch.empty(positions * tokens)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # 15 rows in 3 slices, each row r reading the target of token r % 5
+    try:
+        kernel(gap, log_p, log_p.exp(), grad, kl, scale)
+    finally:
+        torch.set_num_threads(threads)
+    expected_grad = scale * gap.float().view(positions, tokens, vocab)
+    expected_kl = chunked_kl_module._kl_and_logit_grad(expected_grad, log_p, log_p.exp())
+    expected_grad.mul_(scale)
+    torch.testing.assert_close(kl, expected_kl.flatten(), rtol=1e-5, atol=1e-5)
+    tolerance = {"rtol": 1e-2, "atol": 1e-4} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-7}
+    torch.testing.assert_close(grad.float(), expected_grad.view_as(gap), **tolerance)
+    # The library is linked without -ffast-math, whose start-up code would flush this process's denormals to zero.
+    assert torch.tensor([1e-40]).mul(3.0).item() > 0
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "cohere", "opt", "granite"])
 @pytest.mark.parametrize("low_precision", [False, True])
-def test_chunked_kl_equals_the_plain_kl(family, low_precision, monkeypatch):
+def test_chunked_kl_equals_the_plain_kl(family, low_precision, kl_kernel, monkeypatch):
     """gpt2 (unembedding without bias), gemma2 (softcap), cohere and granite (logit scale), opt (project_out)."""
-    monkeypatch.setattr(chunked_kl_module, "CHUNK_ROWS", 2 * 4)  # 4 positions x 2 tokens: 15 ragged chunks of 30
+    # 4 positions x 2 tokens: 15 ragged chunks of 30 tokens
+    monkeypatch.setitem(chunked_kl_module.CHUNK_ELEMENTS, "cpu", 2 * 4 * VOCAB)
     view, residuals = captured(family)
     lens = perturbed_lens(view)
     n_layers = view.num_layers
@@ -150,6 +196,31 @@ def test_chunked_kl_equals_the_plain_kl(family, low_precision, monkeypatch):
     for name, param in lens.named_parameters():
         scale = expected[name].abs().max()
         torch.testing.assert_close(param.grad / scale, expected[name] / scale, rtol=0, atol=10 * rtol, msg=name)
+
+
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_chunked_kl_is_exact_where_the_lens_rules_out_the_targets_top_token(low_precision, kl_kernel):
+    """A lens that gives the target's top token a probability below float32's range: the KL stays finite and exact."""
+    view, residuals = captured("gpt2")
+    with torch.no_grad():
+        z_final = head_input(view, residuals.hidden[view.num_layers]).flatten(0, 1)
+        top = view.unembed(z_final).argmax(-1)  # [tokens]
+        # Position 0: the target minus a long step along the top token's unembedding row, which drives that
+        # token's lens logit far below the others; position 1: the target itself (KL 0).
+        push = view.unembed.weight[top] / view.unembed.weight[top].norm(dim=-1, keepdim=True) ** 2
+        z_lens = torch.stack([z_final - 1e3 * push, z_final])
+        log_p = view.unembed(z_final).log_softmax(-1)
+        reference = torch.stack(
+            [F.kl_div(view.unembed(z).log_softmax(-1), log_p, log_target=True, reduction="sum") for z in z_lens]
+        )
+        lowest = view.unembed(z_lens[0]).log_softmax(-1).gather(-1, top[:, None]).max()
+    assert lowest < -100  # the top token's lens probability is below float32's range (e^-87) at every token
+    z_lens.requires_grad_()
+    sums = chunked_kl(view, z_lens, z_final, low_precision=low_precision)
+    assert torch.isfinite(sums).all()
+    torch.testing.assert_close(sums, reference, rtol=3e-3 if low_precision else 1e-5, atol=1e-4)
+    sums.sum().backward()
+    assert torch.isfinite(z_lens.grad).all()
 
 
 def test_chunked_backward_equals_the_layer_by_layer_backward():

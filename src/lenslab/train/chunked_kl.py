@@ -15,6 +15,12 @@ Everything is computed from the *gap* between a lens position's logits and the t
 (the bias cancels): the KL is log sum_v p_v e^gap_v - sum_v p_v gap_v, two terms that vanish together as the lens
 approaches the target, so that even a KL of 1e-7 nats keeps its relative precision in float32.
 
+On CPU the element-wise part (the KL and softmax(q) - p of every row) runs in a small compiled kernel
+(`lenslab.train.native_kl`), one pass per row in cache instead of one pass over the whole chunk per PyTorch
+operation; where it is unavailable, and for softcapped heads, PyTorch operations compute the same. Every
+[.., vocab] tensor lives in buffers allocated once per call and reused by every chunk: a fresh allocation of a
+chunk's size costs page faults on CPU each time.
+
 `low_precision` runs both vocabulary-wide matrix products in bfloat16 (which CPUs with AMX and all recent GPUs
 multiply several times faster than float32) without rounding the logits themselves: only the gap is rounded, so
 the error scales with the difference from the target (small exactly where the KL is small, at late positions),
@@ -25,16 +31,18 @@ never the two probabilities separately.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lenslab.adapter import ModelView
+from lenslab.train.native_kl import native_kl
 
 LOW_PRECISION_DTYPE = torch.bfloat16
 
-CHUNK_ROWS = 512
-"""(lens positions x tokens) rows of logits per chunk: 512 x vocabulary 8192 float32 logits are 16 MiB, small
-enough to stay in a CPU's cache hierarchy and far below one layer's logits of a training micro-batch."""
+CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
+"""(lens positions x tokens) x vocabulary logits per chunk, by device type (other devices use the CPU's). On CPU
+2^22 float32 logits are 16 MiB, far below one layer's logits of a training micro-batch; chunks from 48 to 1,024
+rows of the Austen model's 8,192-token vocabulary ran equally fast in a side test. A GPU gets larger chunks because
+each chunk launches about fifteen kernels, whose fixed cost would dominate 16 MiB of work."""
 
 
 def head_input(view: ModelView, h: Tensor) -> Tensor:
@@ -78,67 +86,34 @@ def chunked_kl(view: ModelView, z_lens: Tensor, z_final: Tensor, *, low_precisio
     )
 
 
-def _cap(raw: Tensor, scale: float, softcap: float | None) -> tuple[Tensor, Tensor | None]:
-    """The head's logits from the unembedding's output, in place, as `ModelView.decode` makes them, and
-    tanh(scale * raw / softcap) (for the softcap's derivative) or None when there is no softcap."""
-    if softcap is None:
-        return (raw.mul_(scale) if scale != 1 else raw), None
-    tanh = raw.mul_(scale / softcap).tanh_()
-    return tanh * softcap, tanh
+def chunk_tokens(positions: int, vocab: int, device: torch.device) -> int:
+    """Tokens per chunk: `CHUNK_ELEMENTS` logits over all `positions`, at least one token."""
+    elements = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
+    return max(1, elements // (positions * vocab))
 
 
-def _kl_and_logit_grad(gap: Tensor, target_log_probs: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """KL(p || q) per (position, token) [P, c] and its gradient softmax(q) - p with respect to the lens logits.
+def _kl_and_logit_grad(gap: Tensor, target_log_probs: Tensor, target: Tensor) -> Tensor:
+    """KL(p || q) per (position, token) [P, c] and, in `gap`, its gradient softmax(q) - p w.r.t. the lens logits.
 
-    gap: [P, c, vocab] float32 lens logits minus target logits (overwritten: the gradient is returned in it);
-    target_log_probs, target: [c, vocab] log p and p. Since q = p e^gap / sum(p e^gap),
-    KL = log sum_v p_v e^gap_v - sum_v p_v gap_v: both terms vanish as q approaches p, so the KL keeps its relative
-    precision however large the logits are (log p - log q from two log-softmaxes would round to ~1e-6 nats).
+    gap: [P, c, vocab] float32 lens logits minus target logits (overwritten); target_log_probs, target: [c, vocab]
+    log p and p. Since q = p e^gap / sum(p e^gap), KL = log sum_v p_v e^gap_v - sum_v p_v gap_v: both terms vanish
+    as q approaches p, so the KL keeps its relative precision however large the logits are (log p - log q from two
+    log-softmaxes would round to ~1e-6 nats). The PyTorch twin of `fused_kl.c`.
     """
     mean_gap = torch.einsum("pcv,cv->pc", gap, target)
     shifted = gap.add_(target_log_probs)  # log q + log sum(p e^gap)
     peak = shifted.amax(-1, keepdim=True)
     weights = shifted.sub_(peak).exp_()
     total = weights.sum(-1, keepdim=True)
-    kl = (peak + total.log()).squeeze(-1) - mean_gap
-    return kl, weights.div_(total).sub_(target)
+    weights.div_(total).sub_(target)
+    return (peak + total.log()).squeeze(-1) - mean_gap
 
 
 class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_lens, z_final, weight, bias, logit_scale, softcap, low_precision):
-        positions, tokens, _ = z_lens.shape
-        scale = 1.0 if logit_scale is None else float(logit_scale)
-        weight32 = weight.float()
-        bias32 = None if bias is None else bias.float()
-        matmul_dtype = LOW_PRECISION_DTYPE if low_precision else torch.float32
-        matmul_weight = weight.to(matmul_dtype)  # [vocab, d]
-        sums = torch.zeros(positions, dtype=torch.float32, device=z_lens.device)
-        grad = torch.empty(z_lens.shape, dtype=torch.float32, device=z_lens.device)
-        chunk = max(1, CHUNK_ROWS // positions)
-        for start in range(0, tokens, chunk):
-            rows = slice(start, start + chunk)
-            final = z_final[rows].float()  # [c, d]
-            raw_target = F.linear(final, weight32, bias32)  # [c, vocab]
-            target_logits = _cap(raw_target.clone(), scale, softcap)[0]
-            target_log_probs = target_logits.log_softmax(-1)
-            target = target_log_probs.exp()
-            # The lens's unembedding outputs minus the target's (the bias cancels), upcast before any addition.
-            difference = (z_lens[:, rows].float() - final).to(matmul_dtype)
-            gap = (difference @ matmul_weight.T).float()  # [P, c, vocab]
-            if softcap is None:
-                tanh = None
-                gap.mul_(scale)
-            else:
-                logits, tanh = _cap(gap.add_(raw_target), scale, softcap)
-                gap = logits.sub_(target_logits)
-            kl, grad_logits = _kl_and_logit_grad(gap, target_log_probs, target)
-            sums += kl.sum(-1)
-            if tanh is not None:  # d/draw softcap * tanh(scale * raw / softcap) = scale * (1 - tanh^2)
-                grad_logits.mul_(tanh.square_().neg_().add_(1))
-            if scale != 1:
-                grad_logits.mul_(scale)
-            grad[:, rows] = grad_logits.to(matmul_dtype) @ matmul_weight
+        head = _Head(weight, bias, 1.0 if logit_scale is None else float(logit_scale), softcap, low_precision)
+        sums, grad = head.kl_and_grad(z_lens, z_final)
         ctx.save_for_backward(grad)
         ctx.input_dtype = z_lens.dtype
         return sums
@@ -149,3 +124,97 @@ class _ChunkedKL(torch.autograd.Function):
         grad_lens = (grad * grad_sums[:, None, None]).to(ctx.input_dtype)
         return grad_lens, None, None, None, None, None, None
 
+
+class _Head:
+    """The unembedding (with its logit scale and softcap) and the chunk loop of `_ChunkedKL.forward`."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None, low_precision: bool):
+        self.weight32 = weight.float()  # [vocab, d]
+        self.bias32 = None if bias is None else bias.float()
+        self.matmul_dtype = LOW_PRECISION_DTYPE if low_precision else torch.float32
+        self.matmul_weight = weight.to(self.matmul_dtype)
+        self.scale = scale
+        self.softcap = softcap
+
+    def kl_and_grad(self, z_lens: Tensor, z_final: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-position KL sums [P] and the gradient of each with respect to z_lens: [P, tokens, d] float32."""
+        positions, tokens, width = z_lens.shape
+        vocab = self.weight32.shape[0]
+        device = z_lens.device
+        chunk = min(tokens, chunk_tokens(positions, vocab, device))
+        # The kernel assumes finite inputs (-ffast-math); a diverged lens takes the PyTorch path, which reports it.
+        kernel = None
+        if device.type == "cpu" and self.softcap is None and bool(torch.isfinite(z_lens).all()):
+            kernel = native_kl()
+        floats = {"dtype": torch.float32, "device": device}
+        target_buffer = torch.empty(3, chunk, vocab, **floats)  # logits, log-probabilities, probabilities
+        # The gap's matrix product writes `products`, where the gradient's factor softmax(q) - p replaces it for the
+        # gradient's product; in float32 `products` is `logits`, the PyTorch path's working buffer.
+        logits = torch.empty(positions * chunk, vocab, **floats)
+        low = self.matmul_dtype != torch.float32
+        products = torch.empty(logits.shape, dtype=self.matmul_dtype, device=device) if low else logits
+        row_kl = torch.empty(positions * chunk, **floats)
+        sums = torch.zeros(positions, **floats)
+        grad = torch.empty(z_lens.shape, **floats)
+        for start in range(0, tokens, chunk):
+            final = z_final[start : start + chunk].float()  # [c, d]
+            n = len(final)
+            rows = positions * n
+            target_logits, raw_target = self._target_logits(final, target_buffer[0, :n])
+            log_p = torch.log_softmax(target_logits, -1, out=target_buffer[1, :n])
+            p = torch.exp(log_p, out=target_buffer[2, :n])
+            # The lens's unembedding outputs minus the target's (the bias cancels), upcast before any subtraction.
+            difference = (z_lens[:, start : start + n].float() - final).to(self.matmul_dtype).flatten(0, 1)
+            gap = torch.mm(difference, self.matmul_weight.T, out=products[:rows])  # [P * c, vocab]
+            if kernel is not None:
+                kernel(gap, log_p, p, gap, row_kl[:rows], self.scale)
+                kl = row_kl[:rows].view(positions, n)
+            else:
+                work = logits[:rows].view(positions, n, vocab)
+                if low:
+                    work.view_as(gap).copy_(gap)
+                kl = self._eager_kl(work, target_logits, raw_target, log_p, p)
+                if low:
+                    gap.copy_(work.view_as(gap))
+            sums += kl.sum(-1)
+            grad[:, start : start + n] = (gap @ self.matmul_weight).view(positions, n, width)
+        return sums, grad
+
+    def _target_logits(self, final: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """The target's logits [c, vocab] from its head inputs `final` [c, d], and the unembedding's raw output
+        (the same tensor unless the head has a softcap, whose derivative needs both)."""
+        raw = torch.mm(final, self.weight32.T, out=out)
+        if self.bias32 is not None:
+            raw.add_(self.bias32)
+        logits, _ = self._cap(raw.clone() if self.softcap is not None else raw)
+        return logits, raw
+
+    def _eager_kl(self, work: Tensor, target_logits: Tensor, raw_target: Tensor, log_p: Tensor, p: Tensor) -> Tensor:
+        """KL per (position, token) [P, c] with PyTorch operations.
+
+        work: [P, c, vocab] float32 unembedding outputs of the lens minus the target's, replaced by the gradient of
+        the KL with respect to them; target_logits, raw_target: the target's logits and the unembedding's raw
+        output (`_target_logits`); log_p, p: [c, vocab] the target's log-probabilities and probabilities.
+        """
+        tanh = None
+        if self.softcap is not None:
+            lens_logits, tanh = self._cap(work.add_(raw_target))  # tanh overwrites `work`
+            gap = lens_logits.sub_(target_logits)
+        else:
+            gap = work.mul_(self.scale) if self.scale != 1 else work
+        kl = _kl_and_logit_grad(gap, log_p, p)
+        if tanh is not None:  # d/draw softcap * tanh(scale * raw / softcap) = scale * (1 - tanh^2)
+            gap.mul_(tanh.square_().neg_().add_(1))
+        if self.scale != 1:
+            gap.mul_(self.scale)
+        if tanh is not None:
+            work.copy_(gap)
+        return kl
+
+    def _cap(self, raw: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The head's logits from the unembedding's output, in place, as `ModelView.decode` makes them, and
+        tanh(scale * raw / softcap) (for the softcap's derivative) or None when there is no softcap."""
+        if self.softcap is None:
+            return (raw.mul_(self.scale) if self.scale != 1 else raw), None
+        tanh = raw.mul_(self.scale / self.softcap).tanh_()
+        return tanh * self.softcap, tanh
