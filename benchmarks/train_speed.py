@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import platform
 import re
 import subprocess
@@ -53,8 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", default="/work/shared/data/austen.txt", help="text file, documents separated by blank lines"
     )
     parser.add_argument(
-        "--recipes", default="fast,paper", help="lenslab recipes to run, comma-separated (default: %(default)s)"
-    )
+        "--recipes", default="fast,paper",
+        help="lenslab recipes to run, comma-separated; RECIPE+torch-kl runs it with the chunked KL on PyTorch "
+        "operations instead of the compiled kernel (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=8, help="optimiser steps (default: %(default)s)")
     parser.add_argument(
         "--init-tokens", type=int, default=None,
@@ -135,7 +138,11 @@ def lenslab_worker(args: argparse.Namespace) -> dict:
     from lenslab.data import DataSpec, prepare_tokens
     from lenslab.loading import load_model
     from lenslab.train import TrainConfig, train_lens
+    from lenslab.train.native_kl import DISABLE_VARIABLE
 
+    recipe, _, variant = args.worker.split(":")[1].partition("+")
+    if variant == "torch-kl":
+        os.environ[DISABLE_VARIABLE] = "0"  # read when the kernel is first needed, after this
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype="float32", device=args.device)
     data = prepare_tokens(
@@ -143,7 +150,6 @@ def lenslab_worker(args: argparse.Namespace) -> dict:
         heldout_tokens=args.heldout_tokens, seq_len=args.seq_len, seed=0,
     )  # fmt: skip
     view = ModelView.from_model(model)
-    recipe = args.worker.split(":")[1]
     config = TrainConfig(
         recipe=recipe, steps=args.steps, tokens_per_step=args.tokens_per_step, batch_size=args.batch_size,
         init_tokens=args.init_tokens if recipe == "fast" else None,

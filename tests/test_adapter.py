@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from lenslab.adapter import ModelView
+from lenslab.adapter import FUSABLE_ACTIVATIONS, ModelView
 from lenslab.errors import LensLabError
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
@@ -217,3 +217,23 @@ def test_missing_head_is_reported():
     model.get_output_embeddings = lambda: None
     with pytest.raises(LensLabError, match=r"get_output_embeddings\(\) returned None.*unembed="):
         ModelView.from_model(model)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "gptj"])
+def test_fused_activations_give_the_same_residuals_and_are_put_back(family):
+    view = ModelView.from_model(tiny_model(family))
+    originals = [module for module in view.model.modules() if isinstance(module, FUSABLE_ACTIVATIONS)]
+    assert originals, f"tiny {family} should use one of transformers' Python GELUs"
+    input_ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        expected = view.capture(input_ids).hidden
+        with view.fused_activations():
+            assert not any(isinstance(m, FUSABLE_ACTIVATIONS) for m in view.model.modules())
+            fused = view.capture(input_ids).hidden
+    for h_fused, h in zip(fused, expected, strict=True):
+        torch.testing.assert_close(h_fused, h, rtol=1e-5, atol=1e-5)
+    assert [m for m in view.model.modules() if isinstance(m, FUSABLE_ACTIVATIONS)] == originals
+
+    with pytest.raises(RuntimeError, match="interrupted"), view.fused_activations():
+        raise RuntimeError("interrupted")
+    assert [m for m in view.model.modules() if isinstance(m, FUSABLE_ACTIVATIONS)] == originals

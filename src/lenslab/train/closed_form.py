@@ -114,7 +114,7 @@ def fit_closed_form(
     equations = NormalEquations.zeros(view.num_layers, view.d_model, lens.bias, view.device)
     for batch in tokens.split(micro_batch):
         input_ids = batch.to(view.device)
-        with torch.no_grad():
+        with torch.no_grad(), view.fused_activations():
             residuals = view.capture(input_ids, torch.ones_like(input_ids), need_logits=False)
         equations.add(residuals.hidden, lens.bias)
     processes.average(list(equations))  # the solution is unchanged by the common 1/n

@@ -260,7 +260,7 @@ def _accumulate_gradients(
     layer_sums = torch.zeros(view.num_layers, device=view.device)
     for batch in tokens.split(micro_batch):
         input_ids = batch.to(view.device)
-        with torch.no_grad():
+        with torch.no_grad(), view.fused_activations():
             # Packed sequences have no padding; the explicit mask only tells transformers so, since the
             # separator token is often also the pad token and would otherwise draw a warning.
             residuals = view.capture(input_ids, torch.ones_like(input_ids), need_logits=not objective.chunked)
