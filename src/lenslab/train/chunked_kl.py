@@ -144,7 +144,7 @@ class _Head:
         chunk = min(tokens, chunk_tokens(positions, vocab, device))
         # The kernel assumes finite inputs (-ffast-math); a diverged lens takes the PyTorch path, which reports it.
         kernel = None
-        if device.type == "cpu" and self.softcap is None and bool(torch.isfinite(z_lens).all()):
+        if device.type == "cpu" and self.softcap is None and bool(z_lens.isfinite().all() & z_final.isfinite().all()):
             kernel = native_kl()
         floats = {"dtype": torch.float32, "device": device}
         target_buffer = torch.empty(3, chunk, vocab, **floats)  # logits, log-probabilities, probabilities
@@ -167,7 +167,7 @@ class _Head:
             difference = (z_lens[:, start : start + n].float() - final).to(self.matmul_dtype).flatten(0, 1)
             gap = torch.mm(difference, self.matmul_weight.T, out=products[:rows])  # [P * c, vocab]
             if kernel is not None:
-                kernel(gap, log_p, p, gap, row_kl[:rows], self.scale)
+                kernel(gap, log_p, p, gap, row_kl[:rows], self.scale)  # the gradient's factor replaces the gap
                 kl = row_kl[:rows].view(positions, n)
             else:
                 work = logits[:rows].view(positions, n, vocab)

@@ -10,6 +10,7 @@
  * checked to be finite by the caller, since -ffast-math assumes they are.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,14 +32,16 @@ static inline void store_bf16(uint16_t *x, int64_t i, float value) {
 static inline float load_f32(const float *x, int64_t i) { return x[i]; }
 static inline void store_f32(float *x, int64_t i, float value) { x[i] = value; }
 
-/* Rows begin..end-1 of a [positions * tokens, vocab] chunk, row r belonging to token r % tokens.
- * Returns 0, or -1 if the row buffer could not be allocated. */
+/* All `rows` rows of a [positions * tokens, vocab] chunk, row r belonging to token r % tokens, on `threads` OpenMP
+ * threads (torch's own pool: see native_kl.py). Returns 0, or -1 if the row buffers could not be allocated. */
 #define KL_ROWS(NAME, T, LOAD, STORE)                                                                              \
-    int NAME(const T *gap, const float *log_p, const float *p, T *grad, float *kl, int64_t begin, int64_t end,     \
-             int64_t tokens, int64_t vocab, float scale) {                                                         \
-        float *row = malloc(vocab * sizeof(float));                                                                \
-        if (row == NULL) return -1;                                                                                \
-        for (int64_t r = begin; r < end; r++) {                                                                    \
+    int NAME(const T *gap, const float *log_p, const float *p, T *grad, float *kl, int64_t rows, int64_t tokens,   \
+             int64_t vocab, float scale, int threads) {                                                            \
+        float *buffers = malloc((size_t)threads * vocab * sizeof(float));                                          \
+        if (buffers == NULL) return -1;                                                                            \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                          \
+        for (int64_t r = 0; r < rows; r++) {                                                                       \
+            float *row = buffers + (int64_t)omp_get_thread_num() * vocab;                                          \
             const T *g = gap + r * vocab;                                                                          \
             const float *lp = log_p + (r % tokens) * vocab, *pr = p + (r % tokens) * vocab;                        \
             float peak = -3.0e38f, mean = 0.0f, total = 0.0f;                                                      \
@@ -58,7 +61,7 @@ static inline void store_f32(float *x, int64_t i, float value) { x[i] = value; }
             for (int64_t v = 0; v < vocab; v++) STORE(out, v, scale * (row[v] * inverse - pr[v]));                 \
             kl[r] = peak + logf(total) - mean;                                                                     \
         }                                                                                                          \
-        free(row);                                                                                                 \
+        free(buffers);                                                                                             \
         return 0;                                                                                                  \
     }
 
