@@ -42,3 +42,16 @@ def test_public_api_names_resolve():
 
     for name in lenslab.__all__:
         assert getattr(lenslab, name) is not None
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "cbe", "depth", "transfer"])
+def test_a_missing_data_file_is_refused_before_any_model_loads(name, capsys, tmp_path):
+    missing = tmp_path / "missing.txt"
+    # The model directory does not exist either: reaching the model would fail with another message.
+    argv = [name, "--model", str(tmp_path / "no-model"), "--data", str(missing), "--output", str(tmp_path / "out")]
+    argv += {"transfer": ["--lens", str(tmp_path)], "cbe": ["--layers", "0"]}.get(name, [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument --data: {missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

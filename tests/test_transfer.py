@@ -76,8 +76,9 @@ def test_shape_mismatch_and_own_lens_errors(base_lens_dir, finetuned_view, tmp_p
     with pytest.raises(LensLabError, match="Hidden size mismatch|layers but model"):
         transfer_lenses(finetuned_view, other)
     # The own lens keeps the full check: the base lens is not the fine-tuned model's own.
-    with pytest.raises(LensLabError, match="whose unembedding differs"):
+    with pytest.raises(LensLabError, match="own lens .* was trained for another model") as error:
         transfer_lenses(finetuned_view, base_lens_dir, own_lens_dir=base_lens_dir)
+    assert "--allow-model-mismatch" not in str(error.value)  # a flag transfer does not have
 
 
 def test_cli_scores_transfer_like_eval(

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lenslab import __version__
 from lenslab.adapter import ModelView
-from lenslab.errors import LensLabError
+from lenslab.errors import LensLabError, LensModelMismatch
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def check_compatible(config: LensConfig, view: ModelView, directory: Path, check
     if check == "shapes" or config.unembed_fingerprint is None:
         return
     if not fingerprints_match(config.unembed_fingerprint, unembed_fingerprint(view.unembedding_weight())):
-        raise LensLabError(
+        raise LensModelMismatch(
             f"The lens in {directory} was trained for model {config.base_model!r}, whose unembedding differs "
             f"from that of model {model_name!r}; load a lens trained for this model, or pass check='shapes' "
             f"(CLI: --allow-model-mismatch) to apply it to a fine-tuned relative anyway."

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from lenslab.adapter import ModelView
 from lenslab.artifacts import CONFIG_FILE
+from lenslab.errors import LensLabError, LensModelMismatch
 from lenslab.lenses import Lens, LogitLens, TunedLens
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,14 @@ def transfer_lenses(view: ModelView, lens_dir: str | Path, *, own_lens_dir: str 
     logger.warning(message)
     lenses: dict[str, Lens] = {BASE_TUNED: transferred, LOGIT: LogitLens(view)}
     if own_lens_dir is not None:
-        lenses[OWN_TUNED] = TunedLens.load(own_lens_dir, view, check="full")
+        try:
+            lenses[OWN_TUNED] = TunedLens.load(own_lens_dir, view, check="full")
+        except LensModelMismatch:
+            # check_compatible's advice (relax the check) is wrong here: this lens must be the model's own.
+            raise LensLabError(
+                f"The own lens in {own_lens_dir} was trained for another model ({_base_model(own_lens_dir)}), not "
+                f"{model_name}; pass as --own-lens a lens trained on this model, or leave it out."
+            ) from None
     note = {"lens": str(lens_dir), "base_model": base, "check": "shapes", "message": message}
     return TransferLenses(lenses, note)
 

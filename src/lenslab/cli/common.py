@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from lenslab.errors import LensLabError
+
 if TYPE_CHECKING:
     from lenslab.data import DataSpec
     from lenslab.loading import LoadedModel
@@ -68,6 +70,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--data",
         default=None,
+        type=data_source,
         help="a .txt (documents separated by blank lines), .jsonl, .json or .parquet file, a directory of them, "
         "a Hugging Face dataset name, or 'self' for text the model samples itself "
         "(default: a web-text dataset streamed from the hub, lenslab.data.DEFAULT_DATASET)",
@@ -93,3 +96,14 @@ def data_spec_from_args(args: argparse.Namespace) -> DataSpec:
     from lenslab.data import DataSpec
 
     return DataSpec(source=args.data, config=args.data_config, split=args.split, text_column=args.text_column)
+
+
+def data_source(text: str) -> str:
+    """argparse type of `--data`: a missing local file or directory is refused while parsing, before a model loads."""
+    from lenslab.data import DataSpec
+
+    try:
+        DataSpec(source=text).check_local()
+    except LensLabError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--data ")) from None
+    return text

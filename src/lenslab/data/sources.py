@@ -48,6 +48,11 @@ class DataSpec:
     text_column: str = "text"
     """The field holding the text in `.jsonl`, `.json`, `.parquet` and hub datasets (`--text-column`)."""
 
+    def check_local(self) -> None:
+        """Raise now if the source names a local path that is missing, before a model is loaded for nothing."""
+        if self.source not in (None, SELF):
+            _local_path(self.source)
+
     def describe(self) -> str:
         """A short human-readable name of the source, for logs, errors and saved configs."""
         if self.source is None:
