@@ -66,7 +66,7 @@ def test_discovery_without_validation_agrees(family):
 @pytest.mark.parametrize(
     ("family", "attribute", "expected"),
     [("gemma2", "logit_softcap", 0.5), ("gemma3", "logit_softcap", 0.5), ("cohere", "logit_scale", 0.25),
-     ("granite", "logit_scale", 0.25)],
+     ("granite", "logit_scale", 0.25), ("hyperclovax", "logit_scale", 4.0), ("falcon_h1", "logit_scale", 0.25)],
 )
 def test_output_transforms_are_read_and_matter(family, attribute, expected):
     view = _view(family)

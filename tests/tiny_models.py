@@ -21,6 +21,7 @@ from transformers import (
     BloomConfig,
     CohereConfig,
     FalconConfig,
+    FalconH1Config,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
@@ -28,6 +29,7 @@ from transformers import (
     GPTJConfig,
     GPTNeoConfig,
     GPTNeoXConfig,
+    HyperCLOVAXConfig,
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
@@ -126,6 +128,16 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "granite": lambda: GraniteConfig(
         **_LLAMA_LIKE, logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5,
         attention_multiplier=0.2, tie_word_embeddings=False,
+    ),
+    # HyperCLOVA X multiplies the logits by logits_scaling, which Granite divides by.
+    "hyperclovax": lambda: HyperCLOVAXConfig(
+        **_LLAMA_LIKE, logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, tie_word_embeddings=False,
+    ),
+    # A hybrid: every layer runs attention and a Mamba-2 mixer side by side; logits * lm_head_multiplier.
+    "falcon_h1": lambda: FalconH1Config(
+        **_LLAMA_LIKE, head_dim=12, lm_head_multiplier=0.25, mamba_d_ssm=48, mamba_n_heads=4, mamba_d_head=12,
+        mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, tie_word_embeddings=False,
     ),
 }
 """Family name -> function building its tiny random config (a fresh config on every call)."""

@@ -62,6 +62,11 @@ PATHS: dict[str, tuple[str, ...]] = {
 LOGIT_MULTIPLIERS: dict[str, Callable[[float], float]] = {
     "logit_scale": lambda value: value,  # cohere: logits * logit_scale
     "logits_scaling": lambda value: 1.0 / value,  # granite: logits / logits_scaling
+    "lm_head_multiplier": lambda value: value,  # falcon_h1: logits * lm_head_multiplier
+}
+# (config.model_type, attribute) -> the multiplier, where a family reads an attribute differently from the table.
+LOGIT_MULTIPLIER_OVERRIDES: dict[tuple[str, str], Callable[[float], float]] = {
+    ("hyperclovax", "logits_scaling"): lambda value: value,  # HyperCLOVA X multiplies where Granite divides
 }
 
 FUSABLE_ACTIVATIONS = (NewGELUActivation, FastGELUActivation)
@@ -396,11 +401,13 @@ def _find_unembed(model: PreTrainedModel, path: str | None) -> tuple[str, nn.Mod
 
 
 def _logit_scale(config) -> float | None:
-    """The product of the ``LOGIT_MULTIPLIERS`` the config sets, None when it sets none."""
+    """The product of the ``LOGIT_MULTIPLIERS`` the config sets (read through ``LOGIT_MULTIPLIER_OVERRIDES``), None
+    when it sets none."""
     scale = 1.0
     for name, multiplier in LOGIT_MULTIPLIERS.items():
         value = getattr(config, name, None)
         if value is not None and value != 1:
+            multiplier = LOGIT_MULTIPLIER_OVERRIDES.get((getattr(config, "model_type", None), name), multiplier)
             scale *= multiplier(float(value))
     return None if scale == 1.0 else scale
 
