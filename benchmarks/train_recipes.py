@@ -12,6 +12,9 @@ also count twice). Runs (`--runs`, comma-separated names or groups):
     main        reference (paper, full budget), paper-quarter, fast-quarter, fast-quarter-own-data
     ablations   closed-form-only, fast-adam, fast-sgd, fast-muon, zero-start-adam, fast-lr10, fast-lr100,
                 fast-float32
+    cache       fast-quarter, fast-quarter-half-data (a pool of an eighth of the reference budget, so every
+                sequence is read twice), and each again with -cached: residuals kept after a sequence's first
+                forward (`ResidualCache`)
 
 All runs read one pool of training text, prepared for the full budget, in their own seeded order; the exception,
 fast-quarter-own-data, reads a pool prepared for a quarter of the budget (the first documents after the held-out
@@ -35,6 +38,7 @@ from lenslab.adapter import ModelView
 from lenslab.data import DataSpec, prepare_tokens
 from lenslab.evaluate import evaluate_lenses
 from lenslab.lenses import LogitLens, TunedLens
+from lenslab.residuals import Residuals
 from lenslab.loading import load_model
 from lenslab.train import TrainConfig, train_lens
 from lenslab.train.batches import step_indices
@@ -48,7 +52,11 @@ GROUPS = {
         "closed-form-only", "fast-adam", "fast-sgd", "fast-muon", "zero-start-adam", "fast-lr10", "fast-lr100",
         "fast-float32",
     ],
+    "cache": ["fast-quarter", "fast-quarter-cached", "fast-quarter-half-data", "fast-quarter-half-data-cached"],
 }  # fmt: skip
+CACHED_SUFFIX = "-cached"
+"""Runs whose name ends so read each sequence's residuals from `ResidualCache` after its first forward."""
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,6 +116,34 @@ class MuonRecipe(FastRecipe):
         return config.effective_lr * linear_schedule(step, config.effective_steps, warmup)
 
 
+class ResidualCache:
+    """`ModelView.capture` memoised per sequence: the "cache residuals, so several epochs cost one model pass" lever,
+    kept in memory here (the Austen model's residuals are 7 KiB per token) where a real run would keep them on
+    disk. It stands in for `view.capture` (installed on the instance), serving the sequences it has seen from the
+    cache and running the model on the rest only."""
+
+    def __init__(self, view: ModelView):
+        self.view = view
+        self.capture = view.capture
+        self.residuals: dict[bytes, list[torch.Tensor]] = {}
+        self.forwarded = 0
+        """Sequences the model actually ran on."""
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, need_logits=True):
+        if need_logits or positions is not None:
+            raise ValueError("ResidualCache serves the fast recipe's captures: all positions, no logits.")
+        keys = [row.numpy().tobytes() for row in input_ids]
+        missing = [i for i, key in enumerate(keys) if key not in self.residuals]
+        if missing:
+            mask = None if attention_mask is None else attention_mask[missing]
+            fresh = self.capture(input_ids[missing], mask, need_logits=False).hidden
+            for j, i in enumerate(missing):
+                self.residuals[keys[i]] = [h[j].clone() for h in fresh]
+            self.forwarded += len(missing)
+        hidden = [torch.stack([self.residuals[key][p] for key in keys]) for p in range(self.view.num_positions)]
+        return Residuals(hidden=hidden, logits=None)
+
+
 def configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
     """The training settings of every run."""
     full = args.steps * args.tokens_per_step
@@ -124,6 +160,9 @@ def configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
         ),
         "fast-quarter": TrainConfig(**fast),
         "fast-quarter-own-data": TrainConfig(**fast),
+        "fast-quarter-cached": TrainConfig(**fast),
+        "fast-quarter-half-data": TrainConfig(**fast),
+        "fast-quarter-half-data-cached": TrainConfig(**fast),
         "closed-form-only": TrainConfig(**fast),  # only its init_tokens are used, see `closed_form_only`
         "fast-adam": TrainConfig(**fast, optimizer="adam"),
         "fast-sgd": TrainConfig(**fast, optimizer="sgd", lr=3.0),
@@ -162,21 +201,32 @@ def main(argv: list[str] | None = None) -> None:
             seq_len=args.seq_len, seed=0,
         )  # fmt: skip
 
-    pool, own = data(full), data(full // 4)
+    pool, own, half = data(full), data(full // 4), data(full // 8)
     lenses, runs = {"logit lens": LogitLens(view)}, {}
     for name in names:
         config = settings[name]
-        tokens = own.train if name == "fast-quarter-own-data" else pool.train
+        base_name = name.removesuffix(CACHED_SUFFIX)
+        tokens = {"fast-quarter-own-data": own.train, "fast-quarter-half-data": half.train}.get(base_name, pool.train)
+        cache = ResidualCache(view) if name.endswith(CACHED_SUFFIX) else None
+        if cache is not None:
+            view.capture = cache
         started = time.perf_counter()
-        if name == "closed-form-only":
-            lens, read = closed_form_only(view, tokens, config), config.effective_init_tokens
-        else:
-            result = train_lens(view, tokens, config, progress=False)
-            lens, read = result.lens, result.init_tokens + result.history[-1].tokens
+        try:
+            if name == "closed-form-only":
+                lens, read = closed_form_only(view, tokens, config), config.effective_init_tokens
+            else:
+                result = train_lens(view, tokens, config, progress=False)
+                lens, read = result.lens, result.init_tokens + result.history[-1].tokens
+        finally:
+            if cache is not None:
+                del view.capture  # back to the class's method
         seconds = time.perf_counter() - started
         lenses[name] = lens
-        runs[name] = {"tokens": read, "seconds": seconds, "config": config.fingerprint()}
-        print(f"{name}: {read} tokens in {seconds:.1f} s", flush=True)
+        runs[name] = {"tokens": read, "seconds": seconds, "config": config.fingerprint(), "pool_tokens": tokens.numel()}
+        if cache is not None:
+            runs[name]["forwarded_tokens"] = cache.forwarded * tokens.shape[1]
+        note = f", the model ran on {runs[name]['forwarded_tokens']}" if cache is not None else ""
+        print(f"{name}: {read} tokens in {seconds:.1f} s{note}", flush=True)
     result = evaluate_lenses(view, lenses, pool.heldout, batch_size=args.batch_size)
     kl = {name: metrics.kl[: view.num_layers] for name, metrics in result.lenses.items()}
 
