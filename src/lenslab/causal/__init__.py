@@ -9,7 +9,8 @@ depends on them too.
     fidelity.py    the same ablations in the model: model influence and Spearman ρ
     alignment.py   stimulus–response alignment (weighted Aitchison similarity)
     sample.py      the tokens and residuals every analysis of a layer shares
-    plot.py        the fidelity PNG
+
+The fidelity PNG is drawn by `lenslab.plots.causal`.
 
 >>> from lenslab.causal import ExtractionConfig, extract_basis, causal_fidelity  # doctest: +SKIP
 """

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         ExtractionConfig, capture_sample, causal_fidelity, extract_basis, save_bases, stimulus_response_alignment,
     )  # fmt: skip
     from lenslab.causal.basis import BASES_FILE, check_request
-    from lenslab.causal.plot import plot_fidelity
+    from lenslab.plots.causal import plot_fidelity
     from lenslab.data import default_seq_len, prepare_tokens
     from lenslab.lenses import LogitLens, TunedLens
 

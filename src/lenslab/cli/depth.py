@@ -18,15 +18,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.table import Table
 
 from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, load_model_from_args, positive_int
-
-if TYPE_CHECKING:
-    from lenslab.applications.depth import DepthResult
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from lenslab.data import prepare_tokens
     from lenslab.lenses import LogitLens, TunedLens
     from lenslab.loading import load_model
+    from lenslab.plots.depth import plot_depth_histogram, print_depth_table
 
     plot_path = args.plot or args.output.with_suffix(".png")
     loaded = load_model_from_args(args)
@@ -104,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         learned = learned_checkpoint(models, data.heldout, batch_size=batch_size)
         result = add_learning_order(result, learned, args.checkpoints or args.checkpoint_revisions)
 
-    print_histogram(result, lens_kind=lens.kind)
-    plot_histogram(result, plot_path, title=f"{view.model.config.name_or_path}: {lens.kind} lens")
+    print_depth_table(result, lens_kind=lens.kind)
+    plot_depth_histogram(result, plot_path, title=f"{view.model.config.name_or_path}: {lens.kind} lens")
     record = result.to_json() | {
         "lens": lens.kind,
         "lens_path": str(args.lens) if args.lens else None,
@@ -115,49 +111,3 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(args.output, record)
     Console(stderr=True).print(f"Wrote {args.output}, {plot_path}")
     return 0
-
-
-def print_histogram(result: DepthResult, *, lens_kind: str, console: Console | None = None) -> None:
-    """Print tokens, mean loss and (with checkpoints) mean learning checkpoint per prediction depth."""
-    summary = result.by_depth()
-    caption = f"Spearman(depth, loss) = {_format(result.spearman_depth_loss)}"
-    if result.learned is not None:
-        caption += f"; Spearman(depth, learning checkpoint) = {_format(result.spearman_depth_learned)}"
-    table = Table(title=f"Prediction depth ({lens_kind} lens), {result.depths.numel():,} tokens", caption=caption)
-    for column in ("depth", "tokens", "share", "mean loss (nats)"):
-        table.add_column(column, justify="right")
-    if result.learned is not None:
-        table.add_column("mean learning checkpoint", justify="right")
-    total = result.depths.numel()
-    for depth, (count, loss) in enumerate(zip(summary.counts, summary.mean_loss)):
-        cells = [str(depth), f"{count:,}", f"{count / total:.1%}", _format(loss)]
-        if result.learned is not None:
-            cells.append(_format(summary.mean_learned[depth]))
-        table.add_row(*cells)
-    (console or Console()).print(table)
-
-
-def plot_histogram(result: DepthResult, path: Path, *, title: str) -> Path:
-    """Write a bar chart of tokens per prediction depth, with the mean loss per depth on a second axis."""
-    from matplotlib.figure import Figure
-
-    from lenslab.artifacts import atomic_write
-
-    summary = result.by_depth()
-    depths = range(result.num_layers + 1)
-    figure = Figure(figsize=(6.5, 4), layout="constrained")
-    axes = figure.subplots()
-    axes.bar(depths, summary.counts, color="tab:blue", alpha=0.7)
-    axes.set_xlabel("prediction depth (layer; 0 = embeddings)")
-    axes.set_ylabel("tokens", color="tab:blue")
-    axes.set_xticks(list(depths))
-    loss_axes = axes.twinx()
-    loss_axes.plot(depths, summary.mean_loss, color="tab:red", marker="o")
-    loss_axes.set_ylabel("mean loss (nats)", color="tab:red")
-    axes.set_title(f"{title}\nSpearman(depth, loss) = {_format(result.spearman_depth_loss)}")
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=150))
-    return path
-
-
-def _format(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{value:.3f}"  # NaN != NaN
