@@ -55,3 +55,12 @@ def test_a_missing_data_file_is_refused_before_any_model_loads(name, capsys, tmp
     assert exit_info.value.code == 2
     assert f"argument --data: {missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_data_flag_accepts_hub_names_self_and_existing_files(tmp_path):
+    from lenslab.cli.common import data_source
+
+    existing = tmp_path / "text.txt"
+    existing.write_text("a document\n")
+    for value in ("self", "allenai/c4", str(existing), str(tmp_path)):
+        assert data_source(value) == value
