@@ -40,9 +40,10 @@ LOW_PRECISION_DTYPE = torch.bfloat16
 
 CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
 """(lens positions x tokens) x vocabulary logits per chunk, by device type (other devices use the CPU's). On CPU
-2^22 float32 logits are 16 MiB, far below one layer's logits of a training micro-batch; chunks from 48 to 1,024
-rows of the Austen model's 8,192-token vocabulary ran equally fast in a side test. A GPU gets larger chunks because
-each chunk launches about fifteen kernels, whose fixed cost would dominate 16 MiB of work."""
+2^22 float32 logits are 16 MiB, far below one layer's logits of a training micro-batch; in a side test on the
+Austen model's 8,192-token vocabulary, chunks of 128 to 2,048 rows ran alike (within the machine's noise) and 64
+rows about 1.8 x slower. A GPU gets larger chunks because each chunk launches about a dozen kernels, whose fixed
+cost would dominate 16 MiB of work (not measured: no GPU was available)."""
 
 
 def head_input(view: ModelView, h: Tensor) -> Tensor:
