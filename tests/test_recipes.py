@@ -30,6 +30,7 @@ from lenslab.errors import LensLabError
 from lenslab.lenses import TunedLens
 from lenslab.train import TrainConfig, init_distributed, shutdown_distributed, train_lens
 from lenslab.train import chunked_kl as chunked_kl_module
+from lenslab.train import native_kl as native_kl_module
 from lenslab.train.chunked_kl import chunked_kl, head_input
 from lenslab.train.closed_form import NormalEquations, input_inverses, solve_ridge
 from lenslab.train.config import RECIPE_DEFAULTS
@@ -135,6 +136,24 @@ def kl_kernel(request, monkeypatch):
 def test_the_kl_kernel_builds_wherever_gcc_runs_on_linux():
     if platform.system() == "Linux" and shutil.which("gcc"):
         assert native_kl() is not None
+
+
+def test_a_kernel_that_fails_to_build_leaves_the_pytorch_path(monkeypatch, caplog):
+    monkeypatch.setattr(native_kl_module.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(native_kl_module.shutil, "which", lambda name: "/bin/false")  # a "compiler" that fails
+    with caplog.at_level("WARNING", logger="lenslab.train.native_kl"):
+        assert native_kl.__wrapped__() is None  # uncached: a fresh build attempt
+    assert "Could not build the KL kernel" in caplog.text
+
+
+@pytest.mark.parametrize("kl_kernel", ["native", "torch"], indirect=True)
+def test_chunked_kl_of_no_tokens_is_zero(kl_kernel):
+    view, _ = captured("gpt2")
+    z_lens = torch.zeros(view.num_layers, 0, view.d_model, requires_grad=True)
+    sums = chunked_kl(view, z_lens, torch.zeros(0, view.d_model), low_precision=True)
+    assert sums.tolist() == [0.0] * view.num_layers
+    sums.sum().backward()
+    assert z_lens.grad.shape == z_lens.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

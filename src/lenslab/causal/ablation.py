@@ -124,8 +124,8 @@ def ablate_each(h: Tensor, directions: Tensor, replacement: Tensor) -> Tensor:
 def residual_edit(view: ModelView, position: int, edit: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """While active, every forward of ``view.model`` replaces the residual h at lens ``position`` by edit(h).
 
-    Positions are those of `lenslab.residuals` (the hook is `hook_residual`). ``edit`` maps [batch, seq, d_model] to the same shape; its result is
-    cast to the residual's dtype. The hook is removed on exit, even on errors.
+    Positions are those of `lenslab.residuals` (the hook is `hook_residual`). ``edit`` maps [batch, seq, d_model]
+    to the same shape; its result is cast to the residual's dtype. The hook is removed on exit, even on errors.
     """
     if not 0 <= position < view.num_positions:
         raise LensLabError(

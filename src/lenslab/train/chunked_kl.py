@@ -142,7 +142,7 @@ class _Head:
         positions, tokens, width = z_lens.shape
         vocab = self.weight32.shape[0]
         device = z_lens.device
-        chunk = min(tokens, chunk_tokens(positions, vocab, device))
+        chunk = max(1, min(tokens, chunk_tokens(positions, vocab, device)))  # at least 1, even for no tokens
         # The kernel assumes finite inputs (-ffast-math); a diverged lens takes the PyTorch path, which reports it.
         # (A sum is finite only if every term is; one that overflows merely takes the slower path.)
         kernel = None

@@ -74,7 +74,8 @@ class TrainConfig:
     """Sequences per forward pass (micro-batch) in each process; gradient accumulation fills `tokens_per_step`.
     None: as many as hold `MICRO_BATCH_TOKENS` tokens (at least one). Lower it when memory runs out."""
     recipe: Literal["fast", "paper"] = "fast"
-    """"fast" (closed-form start, Adam, chunked KL) or "paper" (tuned-lens's recipe); see this module's docstring."""
+    """"fast" (closed-form start, whitened SGD, chunked KL) or "paper" (tuned-lens's recipe); see this module's
+    docstring."""
     optimizer: Literal["sgd", "adam", "whitened"] | None = None
     """SGD with Nesterov momentum; Adam (beta2 0.999; AMSGrad in the paper recipe, as tuned-lens has it); or
     "whitened", SGD with Nesterov momentum on gradients whitened by the closed-form start's input statistics (needs
@@ -151,15 +152,20 @@ class TrainConfig:
 
         return RECIPES[self.recipe].defaults
 
+    def _or_recipe_default(self, name: str) -> Any:
+        """The setting `name`, or the recipe's default for it (`RecipeDefaults`) when it is None."""
+        value = getattr(self, name)
+        return getattr(self.defaults, name) if value is None else value
+
     @property
     def effective_steps(self) -> int:
         """`steps`, or the recipe's default when it is None."""
-        return self.defaults.steps if self.steps is None else self.steps
+        return self._or_recipe_default("steps")
 
     @property
     def effective_optimizer(self) -> str:
         """`optimizer`, or the recipe's default when it is None."""
-        return self.defaults.optimizer if self.optimizer is None else self.optimizer
+        return self._or_recipe_default("optimizer")
 
     @property
     def effective_lr(self) -> float:
@@ -169,12 +175,12 @@ class TrainConfig:
     @property
     def effective_weight_decay(self) -> float:
         """`weight_decay`, or the recipe's default when it is None."""
-        return self.defaults.weight_decay if self.weight_decay is None else self.weight_decay
+        return self._or_recipe_default("weight_decay")
 
     @property
     def effective_init_tokens(self) -> int:
         """`init_tokens`, or the recipe's default when it is None."""
-        return self.defaults.init_tokens if self.init_tokens is None else self.init_tokens
+        return self._or_recipe_default("init_tokens")
 
     @property
     def effective_warmup_steps(self) -> int:

@@ -88,9 +88,8 @@ def native_kl() -> NativeKL | None:
         try:
             for command in commands:
                 subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-            library = ctypes.CDLL(library_file)
-        except (OSError, subprocess.SubprocessError) as error:
+            return NativeKL(ctypes.CDLL(library_file))
+        except (OSError, AttributeError, subprocess.SubprocessError) as error:  # AttributeError: a function missing
             detail = getattr(error, "stderr", None) or error
             log.warning("Could not build the KL kernel, so the chunked KL runs on PyTorch operations: %s", detail)
             return None
-    return NativeKL(library)
