@@ -76,22 +76,46 @@ class LensConfig:
         return cls(**{key: value for key, value in raw.items() if key in known})
 
 
+def fingerprint_indices(numel: int) -> torch.Tensor:
+    """`FINGERPRINT_SAMPLES` evenly strided flat indices into a tensor of `numel` entries: [samples] int64.
+
+    Integer arithmetic: float32 index math rounds past the last entry once `numel` exceeds 2^24 (GPT-2's
+    unembedding has 38.6M entries).
+    """
+    return torch.arange(FINGERPRINT_SAMPLES, dtype=torch.int64) * (numel - 1) // (FINGERPRINT_SAMPLES - 1)
+
+
+def _legacy_fingerprint_indices(numel: int) -> torch.Tensor:
+    """The indices lenslab 0.1 fingerprints sampled (float32 `linspace`), to check lens files it wrote; it could
+    only write them for unembeddings of at most 2^24 entries, where these stay in range."""
+    return torch.linspace(0, numel - 1, FINGERPRINT_SAMPLES).long().clamp_(max=numel - 1)
+
+
 def unembed_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
-    """Shape plus `FINGERPRINT_SAMPLES` evenly strided entries of the unembedding, as float32.
+    """Shape plus `FINGERPRINT_SAMPLES` evenly strided entries of the unembedding, as float32, and where they sit.
 
     A sample rather than a hash, so that the same model loaded in bf16 or float32 still matches while a
     different (or fine-tuned) model does not. weight: [vocab, d_unembed].
     """
-    flat = weight.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, device=flat.device).long()
-    return {"shape": list(weight.shape), "sample": flat[index].float().cpu().tolist()}
+    index = fingerprint_indices(weight.numel())
+    return {"shape": list(weight.shape), "index": index.tolist(), "sample": _sample(weight, index)}
 
 
-def fingerprints_match(stored: dict[str, Any], current: dict[str, Any]) -> bool:
-    if list(stored.get("shape", [])) != list(current["shape"]):
+def _sample(weight: torch.Tensor, index: torch.Tensor) -> list[float]:
+    return weight.detach().reshape(-1)[index.to(weight.device)].float().cpu().tolist()
+
+
+def fingerprint_matches(stored: dict[str, Any], weight: torch.Tensor) -> bool:
+    """Whether the unembedding `weight` ([vocab, d_unembed]) has the shape and, at the stored indices, nearly the
+    values of the fingerprint `stored` (one written by `unembed_fingerprint`, or by lenslab 0.1 without indices)."""
+    if list(stored.get("shape", [])) != list(weight.shape):
+        return False
+    numel = weight.numel()
+    index = torch.tensor(stored["index"]) if "index" in stored else _legacy_fingerprint_indices(numel)
+    if index.numel() == 0 or index.min() < 0 or index.max() >= numel:
         return False
     stored_sample = torch.tensor(stored.get("sample", []), dtype=torch.float32)
-    current_sample = torch.tensor(current["sample"], dtype=torch.float32)
+    current_sample = torch.tensor(_sample(weight, index), dtype=torch.float32)
     if stored_sample.shape != current_sample.shape:
         return False
     error = (stored_sample - current_sample).norm()
@@ -115,7 +139,7 @@ def check_compatible(config: LensConfig, view: ModelView, directory: Path, check
         )
     if check == "shapes" or config.unembed_fingerprint is None:
         return
-    if not fingerprints_match(config.unembed_fingerprint, unembed_fingerprint(view.unembedding_weight())):
+    if not fingerprint_matches(config.unembed_fingerprint, view.unembedding_weight()):
         raise LensModelMismatch(
             f"The lens in {directory} was trained for model {config.base_model!r}, whose unembedding differs "
             f"from that of model {model_name!r}; load a lens trained for this model, or pass check='shapes' "
