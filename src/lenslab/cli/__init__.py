@@ -17,7 +17,7 @@ from lenslab import __version__
 from lenslab.errors import LensLabError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS: list[str] = ["train", "eval", "show", "detect", "depth", "transfer", "cbe"]
+SUBCOMMANDS: list[str] = ["train", "eval", "show", "detect", "depth", "transfer", "cbe", "example-model"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"lenslab.cli.{name}").register(subparsers)
+        importlib.import_module(f"lenslab.cli.{name.replace('-', '_')}").register(subparsers)
     return parser
 
 
