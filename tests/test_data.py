@@ -151,7 +151,7 @@ def test_directory_is_read_recursively_in_sorted_order(tmp_path):
     [
         ("empty.txt", "", "holds no text"),
         ("blank.txt", "\n\n  \n\n", "holds no text"),
-        ("empty.jsonl", "", "Could not read --data"),
+        ("empty.jsonl", "", "holds no text"),
         ("notes.md", "text", "suffix '.md'"),
     ],
 )

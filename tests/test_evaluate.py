@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from lenslab import evaluate
 from lenslab.adapter import ModelView
 from lenslab.cli import main
+from lenslab.cli.outputs import mark
 from lenslab.data import DataSpec, TokenData, prepare_tokens
 from lenslab.errors import LensLabError
 from lenslab.evaluate import EvalResult, evaluate_lenses, layer_names, transfer_matrix
@@ -277,11 +278,12 @@ def test_cli_refuses_a_lens_for_another_model(tiny_lm, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     TunedLens.from_model(other).save(foreign)
     output = tmp_path / "eval.json"
-    output.write_text("earlier results\n")
+    earlier = json.dumps(mark("eval")) + "\n"  # an earlier run's results, which a new run may replace
+    output.write_text(earlier)
     assert run_eval(tiny_lm, output, "--lens", str(foreign)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lenslab eval: error:")]
     assert len(errors) == 1 and "unembedding differs" in errors[0] and "--allow-model-mismatch" in errors[0]
-    assert output.read_text() == "earlier results\n"
+    assert output.read_text() == earlier
     assert sorted(path.name for path in tmp_path.iterdir()) == ["eval.json", "foreign"]
     # The escape hatch the error names works.
     assert run_eval(tiny_lm, output, "--lens", str(foreign), "--allow-model-mismatch") == 0

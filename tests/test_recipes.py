@@ -8,7 +8,8 @@
 - recipes: settings left at None resolve to each recipe's defaults, and the fast recipe reaches a lower held-out
   KL than the paper's at every position for the same number of tokens;
 - distributed: two gloo processes train the fast recipe's lens that one process does, up to rounding (on the
-  trained model: on a random one the closed-form start is exact to ~1e-7 nats, where losses cannot be compared).
+  trained model: on a random one the closed-form start is exact to ~1e-7 nats, where losses cannot be compared),
+  its closed-form sums and held-out KL averaged over them although only one holds a sequence out.
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ def perturbed_lens(view: ModelView, bias: bool = True) -> TunedLens:
 def test_ridge_solution_equals_lstsq_on_the_same_residuals(bias):
     view, residuals = captured("llama", shape=(6, 12))
     hidden = residuals.hidden
-    equations = NormalEquations.zeros(view.num_layers, view.d_model, bias, torch.device("cpu"))
+    equations = NormalEquations.zeros(view.num_layers, view.d_model, bias)
     for half in (slice(0, 3), slice(3, 6)):  # summed over two micro-batches
         equations.add([h[half] for h in hidden], bias)
     ridge = 1e-2
-    weights, biases = solve_ridge(equations, ridge, bias)
+    cpu = torch.device("cpu")
 
     last = hidden[-1].flatten(0, 1).double()
     for layer in range(view.num_layers):
@@ -83,13 +84,14 @@ def test_ridge_solution_equals_lstsq_on_the_same_residuals(bias):
         stacked = torch.cat([design, penalty])
         targets = torch.cat([last - x, torch.zeros(view.d_model, view.d_model, dtype=x.dtype)])
         expected = torch.linalg.lstsq(stacked, targets).solution  # [k, d_model]
-        torch.testing.assert_close(weights[layer], expected[: view.d_model].T, rtol=1e-7, atol=1e-9)
+        solution = solve_ridge(equations, layer, ridge, cpu)
+        torch.testing.assert_close(solution.weight, expected[: view.d_model].T, rtol=1e-7, atol=1e-9)
         if bias:
-            torch.testing.assert_close(biases[layer], expected[-1], rtol=1e-7, atol=1e-9)
+            torch.testing.assert_close(solution.bias, expected[-1], rtol=1e-7, atol=1e-9)
         else:
-            assert biases is None
+            assert solution.bias is None
 
-    inverses = input_inverses(equations, ridge)
+    inverses = list(input_inverses(equations, ridge, [cpu] * view.num_layers))
     count = hidden[0].shape[0] * hidden[0].shape[1]
     assert equations.count.item() == count
     gram = equations.gram[0].clone()
@@ -104,14 +106,16 @@ def test_closed_form_start_sets_the_translators_and_needs_enough_tokens():
     config = TrainConfig(steps=1, tokens_per_step=16, batch_size=4, init_tokens=128, lr=1e-12)  # a negligible step
     result = train_lens(view, tokens, config, progress=False)
     assert result.init_tokens == 128 and result.lens.metadata["init_tokens"] == 128
+    shrinkage = result.init_shrinkage
+    assert result.lens.metadata["init_shrinkage"] == shrinkage and len(shrinkage) == view.num_layers
 
-    equations = NormalEquations.zeros(view.num_layers, view.d_model, True, torch.device("cpu"))
+    equations = NormalEquations.zeros(view.num_layers, view.d_model, True)
     with torch.no_grad():
         equations.add(view.capture(tokens).hidden, True)  # the init read all 8 sequences, in another order
-    weights, biases = solve_ridge(equations, config.ridge, True)
     for layer, translator in enumerate(result.lens.translators):
-        torch.testing.assert_close(translator.weight, weights[layer].float(), atol=1e-4, rtol=1e-3)
-        torch.testing.assert_close(translator.bias, biases[layer].float(), atol=1e-4, rtol=1e-3)
+        solution = solve_ridge(equations, layer, config.ridge, torch.device("cpu"))
+        torch.testing.assert_close(translator.weight, shrinkage[layer] * solution.weight.float(), atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(translator.bias, shrinkage[layer] * solution.bias.float(), atol=1e-4, rtol=1e-3)
 
     with pytest.raises(LensLabError, match="singular.*--init-tokens or --ridge"):
         train_lens(view, tokens[:1], TrainConfig(steps=1, tokens_per_step=16, ridge=0.0), progress=False)
@@ -345,7 +349,8 @@ def test_fast_recipe_beats_the_paper_recipe_at_equal_tokens(tiny_lm):
 # Distributed
 # ---------------------------------------------------------------------------------------------------
 
-DDP_CONFIG = TrainConfig(recipe="fast", steps=3, tokens_per_step=8 * 32, batch_size=2, init_tokens=512)
+# A closed-form start of 9 sequences: 8 fitted, 4 per process, and 1 held out, by one process only.
+DDP_CONFIG = TrainConfig(recipe="fast", steps=3, tokens_per_step=8 * 32, batch_size=2, init_tokens=9 * 32)
 
 
 def ddp_tokens(model_dir: Path) -> torch.Tensor:
@@ -369,7 +374,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, model_dir: Path, root: Pa
     try:
         view = ModelView.from_model(load_tiny_lm(model_dir).model)
         result = train_lens(view, ddp_tokens(model_dir), DDP_CONFIG, progress=False)
-        torch.save({"lens": result.lens.state_dict(), "losses": [r.loss for r in result.history]}, root / f"{rank}.pt")
+        torch.save(
+            {"lens": result.lens.state_dict(), "losses": [r.loss for r in result.history],
+             "shrinkage": result.init_shrinkage},
+            root / f"{rank}.pt",
+        )  # fmt: skip
     finally:
         shutdown_distributed()
 
@@ -385,6 +394,7 @@ def test_two_gloo_processes_train_the_fast_recipe_like_one(tiny_lm, tmp_path):
     single = train_lens(view, ddp_tokens(tiny_lm.directory), DDP_CONFIG, progress=False)
     for rank in range(2):
         state = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert state["shrinkage"] == single.init_shrinkage
         assert state["losses"] == pytest.approx([record.loss for record in single.history], rel=1e-4)
         # Whitening amplifies the float rounding of differently ordered gradient sums along the directions the
         # residuals hardly use, so the lenses agree to 1e-4 of their scale rather than to float precision.

@@ -114,6 +114,10 @@ def test_lens_for_another_model_is_refused(tiny_lm, tmp_path, capsys):
     assert code == 0, err
 
 
+EARLIER_PAGE = "<html><script>window.PlotlyConfig = {};</script>an earlier run's view</html>"
+"""Stands in for a page an earlier `lenslab show` wrote, which a new run may replace."""
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -130,13 +134,13 @@ def test_lens_for_another_model_is_refused(tiny_lm, tmp_path, capsys):
 )  # fmt: skip
 def test_bad_input_is_one_sentence_and_keeps_earlier_output(tiny_lm, tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
-    (tmp_path / "out.html").write_text("earlier output", encoding="utf-8")
+    (tmp_path / "out.html").write_text(EARLIER_PAGE, encoding="utf-8")
     args = [arg.format(tmp=tmp_path) for arg in args]
     code, _, err = run_show(capsys, "--model", tiny_lm.directory, *args)
     assert code == 2
     error = err.strip().splitlines()[-1]
     assert error.startswith("lenslab show: error: ") and message in error and error.count(". ") == 0
-    assert (tmp_path / "out.html").read_text(encoding="utf-8") == "earlier output"
+    assert (tmp_path / "out.html").read_text(encoding="utf-8") == EARLIER_PAGE
 
 
 def test_bad_positions_syntax_is_an_argparse_error(capsys):

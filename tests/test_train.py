@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import platform
 
 import pytest
 import torch
@@ -20,7 +21,16 @@ from lenslab.errors import LensLabError
 from lenslab.lenses import LogitLens, TunedLens
 from lenslab.train import TrainConfig, train_lens
 from lenslab.train import loop as train_loop
-from lenslab.train.batches import sequences_per_step, step_indices
+from lenslab.train import batches
+from lenslab.train.batches import (
+    MicroBatchMemory,
+    choose_micro_batch,
+    free_memory,
+    micro_batch_memory,
+    micro_batch_sequences,
+    sequences_per_step,
+    step_indices,
+)
 from lenslab.train.checkpoints import CHECKPOINT_DIR, LOG_FILE, load_checkpoint
 from lenslab.train.config import flag
 from lenslab.train.objective import Target, backward_by_layer, backward_chunked, final_target, layer_kl_sum
@@ -123,6 +133,44 @@ def test_data_order_is_a_function_of_seed_and_step():
     assert not torch.equal(step_indices(0, 4, 10, seed=4), steps[0])
     assert sequences_per_step(2**18, 2048) == 128
     assert sequences_per_step(1000, 300, world_size=2) == 4  # 3.3 sequences, rounded up to an even count
+
+
+def test_micro_batches_are_the_largest_power_of_two_that_fits_in_free_memory():
+    memory = MicroBatchMemory(per_token=1000, fixed=10_000)
+    # Half of 2 MB, less the fixed 10 kB, holds 990 tokens: 61 sequences of 16, so 32.
+    assert micro_batch_sequences(memory, 16, 2_000_000, "cuda") == 32
+    assert micro_batch_sequences(memory, 16, None, "cpu") == 2**13 // 16  # free memory unknown: the cap
+    assert micro_batch_sequences(memory, 16, 10**12, "cpu") == 2**13 // 16
+    assert micro_batch_sequences(memory, 16, 10**12, "cuda") == 2**16 // 16  # a GPU's cap is higher
+    assert micro_batch_sequences(memory, 16, 10**12, "mps") == 2**13 // 16  # other devices take the CPU's
+    assert micro_batch_sequences(memory, 16, 1000, "cuda") == 1  # not even one sequence fits: one all the same
+    assert micro_batch_sequences(memory, 3 * 2**13, 10**12, "cpu") == 1  # a sequence longer than the cap
+
+
+def test_the_micro_batch_is_chosen_from_the_devices_free_memory_and_logged(view, monkeypatch, caplog):
+    chunked, plain = micro_batch_memory(view, SEQ_LEN, chunked=True), micro_batch_memory(view, SEQ_LEN, chunked=False)
+    assert chunked.fixed > 0 == plain.fixed and min(chunked.per_token, plain.per_token) > 0
+    if platform.system() == "Linux":  # elsewhere the CPU's free memory is unknown (None): the cap alone applies
+        assert free_memory(torch.device("cpu")) > 0
+
+    monkeypatch.setattr(batches, "free_memory", lambda device: 2 * (chunked.fixed + 100 * SEQ_LEN * chunked.per_token))
+    with caplog.at_level("INFO", logger="lenslab.train.batches"):
+        assert choose_micro_batch(view, SEQ_LEN, chunked=True) == 64
+    assert "Micro-batches of 64 sequences" in caplog.text
+    monkeypatch.setattr(batches, "free_memory", lambda device: chunked.fixed)
+    with caplog.at_level("WARNING", logger="lenslab.train.batches"):
+        assert choose_micro_batch(view, SEQ_LEN, chunked=True) == 1
+    assert "A micro-batch of one sequence needs about" in caplog.text and "--seq-len" in caplog.text
+
+
+def test_settings_cut_to_what_the_data_holds_are_warned(view, tokens, caplog):
+    config = small_config(steps=1, init_tokens=100 * SEQ_LEN, batch_size=16)
+    with caplog.at_level("WARNING", logger="lenslab.train.loop"):
+        result = train_lens(view, tokens, config, progress=False)
+    assert result.init_tokens == len(tokens) * SEQ_LEN
+    assert f"--init-tokens {100 * SEQ_LEN} is cut to {len(tokens) * SEQ_LEN}" in caplog.text
+    assert f"pass --train-tokens of at least {100 * SEQ_LEN}" in caplog.text
+    assert "--batch-size 16 is cut to 8" in caplog.text
 
 
 def test_paper_recipe_matches_tuned_lens_settings():
@@ -332,7 +380,7 @@ def test_cli_trains_a_lens_end_to_end(tiny_lm, tmp_path, capsys):
     output = tmp_path / "lens"
     args = ["train", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.train_text_path),
             "--output", str(output), "--steps", "3", "--tokens-per-step", "256", "--seq-len", "64",
-            "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+            "--batch-size", "2", "--init-tokens", "256", "--device", "cpu"]  # fmt: skip
     assert main(args) == 0
     lens = TunedLens.load(output, tiny_lm.model)
     assert lens.metadata["training"]["config"]["steps"] == 3 and lens.metadata["data"]["seq_len"] == 64
@@ -349,12 +397,14 @@ def test_cli_recipe_flag_selects_the_recipe_and_its_defaults(tiny_lm, tmp_path):
     common = ["train", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.train_text_path), "--steps", "2",
               "--tokens-per-step", "128", "--seq-len", "32", "--device", "cpu"]  # fmt: skip
     assert main([*common, "--output", str(tmp_path / "paper"), "--recipe", "paper"]) == 0
-    assert main([*common, "--output", str(tmp_path / "fast")]) == 0
+    assert main([*common, "--output", str(tmp_path / "fast"), "--init-tokens", "1024"]) == 0
     paper = TunedLens.load(tmp_path / "paper", tiny_lm.model).metadata
     fast = TunedLens.load(tmp_path / "fast", tiny_lm.model).metadata
     assert paper["training"]["config"] | {"recipe": "fast"} != fast["training"]["config"]
     assert (paper["training"]["config"]["optimizer"], paper["init_tokens"]) == ("sgd", 0)
-    assert (fast["training"]["config"]["optimizer"], fast["init_tokens"]) == ("whitened", 256)  # all 8 sequences
+    # --train-tokens defaults to enough for the closed-form start's 1024 tokens, not only the steps' 256.
+    assert (fast["training"]["config"]["optimizer"], fast["init_tokens"]) == ("whitened", 1024)
+    assert fast["data"]["train_sequences"] == 1024 // 32 and len(fast["init_shrinkage"]) == 4
 
 
 def test_cli_reports_too_little_data_with_exit_code_2(tiny_lm, tmp_path, capsys):

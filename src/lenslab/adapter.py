@@ -17,6 +17,7 @@ reproduce the model's own logits.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -193,12 +194,21 @@ class ModelView:
     @property
     def vocab_size(self) -> int:
         """Width of the logits (rows of the unembedding, padding included)."""
-        return self.unembedding_weight().shape[0]
+        return self.unembed.weight.shape[0]  # the shape alone: an offloaded weight stays on disk
 
     @property
     def device(self) -> torch.device:
-        """Device of the model's parameters."""
-        return self.model.device
+        """Device of the model's head, where ``decode`` runs and logits land; input ids can be given there too.
+
+        For a model on one device, that device. A model dispatched over several with a device map (accelerate) moves
+        its inputs to each layer itself and returns its logits on the device of its input ids.
+        """
+        return execution_device(self.unembed, self.model.device)
+
+    def residual_device(self, position: int) -> torch.device:
+        """Device the residual at lens ``position`` is computed on, where a tuned lens keeps its translator:
+        layer ``position - 1``'s, and layer 0's for position 0 (the input it reads)."""
+        return execution_device(self.layers[max(position - 1, 0)], self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -208,13 +218,13 @@ class ModelView:
     def decode(self, h: Tensor) -> Tensor:
         """Logits from residuals the way the model makes them from its last one.
 
-        h: [..., d_model] -> logits [..., vocab]: final_norm -> project_out -> unembed -> scale -> softcap.
+        h: [..., d_model] on any device -> logits [..., vocab] on ``device``: final_norm -> project_out -> unembed ->
+        scale -> softcap, each part run on its own device.
         """
-        if self.final_norm is not None:
-            h = self.final_norm(h)
-        if self.project_out is not None:
-            h = self.project_out(h)
-        logits = self.unembed(h)
+        for part in (self.final_norm, self.project_out):
+            if part is not None:
+                h = part(h.to(execution_device(part, h.device)))
+        logits = self.unembed(h.to(self.device))
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.logit_softcap is not None:
@@ -222,8 +232,23 @@ class ModelView:
         return logits
 
     def unembedding_weight(self) -> Tensor:
-        """The unembedding matrix, [vocab, d_unembed]."""
-        return self.unembed.weight
+        """The unembedding matrix, [vocab, d_unembed], on ``device`` (see ``_unembedding_tensor``)."""
+        return self._unembedding_tensor("weight")
+
+    def unembedding_bias(self) -> Tensor | None:
+        """The unembedding's bias, [vocab], on ``device`` (see ``_unembedding_tensor``); None when it has none."""
+        return self._unembedding_tensor("bias")
+
+    def _unembedding_tensor(self, name: str) -> Tensor | None:
+        """The unembedding's parameter ``name`` (None when absent), read from accelerate's offload (CPU memory or
+        disk) when a device map keeps it there: the module's own tensor is then an empty one on the meta device
+        between forwards."""
+        if not getattr(getattr(self.unembed, "_hf_hook", None), "offload", False):
+            return getattr(self.unembed, name, None)
+        from accelerate.utils import align_module_device  # installed: its hook is on the module
+
+        with align_module_device(self.unembed):
+            return getattr(self.unembed, name, None)
 
     def capture(
         self,
@@ -294,7 +319,7 @@ class ModelView:
         """One tiny forward: its residuals (shape-checked) and the ids of the ``norms`` that ran after the last layer."""
         embedding = self.model.get_input_embeddings()
         # Ids from 3 up skip the usual pad/bos/eos ids, which some models warn about without a mask.
-        ids = 3 + torch.arange(8, device=embedding.weight.device) * 7 % (embedding.num_embeddings - 3)
+        ids = 3 + torch.arange(8, device=self.device) * 7 % (embedding.num_embeddings - 3)
         input_ids = ids.view(2, 4)  # [batch, seq]
         finished: list[int] = []  # module ids in the order their forward returned
         handles = [
@@ -333,6 +358,21 @@ def context_length(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizer
         candidates.append(tokenizer.model_max_length)
     sane = [value for value in candidates if isinstance(value, int) and 0 < value < _SANE_CONTEXT]
     return min(sane, default=None)
+
+
+def execution_device(module: nn.Module, default: torch.device) -> torch.device:
+    """The device ``module`` computes on.
+
+    In a model dispatched with a device map, the execution device of the accelerate hook on the module, to which its
+    inputs and weights are brought for each forward (the weights may rest in CPU memory, or on disk with an empty
+    tensor on the meta device in their place). Otherwise the device of its first parameter or buffer, and ``default``
+    for a module that has neither (a norm without weights computes wherever its input is).
+    """
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return default if tensor is None else tensor.device
 
 
 def _resolve(model: nn.Module, path: str):

@@ -44,6 +44,20 @@ log = logging.getLogger(__name__)
 # tensor, and a step holds about six of them, which fits beside a large model on one accelerator.
 _ELEMENTS_PER_STEP = 2**26
 
+LOGITS_PER_CHUNK = 2**24
+"""Default budget of `row_chunks`: 64 MiB per float32 [rows, vocab] tensor, so that the analyses that decode
+every token (prediction depth, choice scoring) hold a bounded amount whatever the number of tokens."""
+
+
+def row_chunks(n_rows: int, row_width: int, logits: int | None = None) -> list[slice]:
+    """Consecutive slices covering range(n_rows), each of at most ``logits // row_width`` rows (at least one).
+
+    ``logits`` defaults to `LOGITS_PER_CHUNK`; ``row_width`` is the vocabulary, times the number of copies of
+    each row decoded together. A [rows, vocab] tensor of one slice is then bounded by the budget, not by n_rows.
+    """
+    step = max(1, (LOGITS_PER_CHUNK if logits is None else logits) // max(1, row_width))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
 
 def layer_names(view: ModelView) -> list[str]:
     """Readable names of the lens positions: ``["embeddings", "layer 1", ..., "layer L"]``.
@@ -283,10 +297,8 @@ def _accumulate(
         # Position t predicts token t + 1, so the last position of each sequence has nothing to score.
         hidden = {p: residuals.hidden[p][:, :-1].reshape(-1, view.d_model) for p in positions}  # [rows, d_model]
         targets = batch[:, 1:].reshape(-1)  # [rows]
-        step = max(1, _ELEMENTS_PER_STEP // view.vocab_size)
-        for start in range(0, len(targets), step):
-            rows = slice(start, start + step)
-            final_log_probs = view.decode(hidden[last][rows]).float().log_softmax(-1)  # [step, vocab]
+        for rows in row_chunks(len(targets), view.vocab_size, _ELEMENTS_PER_STEP):
+            final_log_probs = view.decode(hidden[last][rows]).float().log_softmax(-1)  # [chunk, vocab]
             final_top = final_log_probs.argmax(-1)
             for k, cell in enumerate([*cells, None]):
                 if cell is None or cell.translator == cell.position == last:

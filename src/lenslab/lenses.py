@@ -62,7 +62,10 @@ class Lens(nn.Module):
             )
 
     def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        """Map the residual at `layer` into the last layer's basis. h: [..., d_model] -> [..., d_model]."""
+        """Map the residual at `layer` into the last layer's basis. h: [..., d_model] -> [..., d_model].
+
+        h may be on any device; the result may be on another (a translator's), which `view.decode` accepts.
+        """
         raise NotImplementedError
 
     def forward(self, h: torch.Tensor, layer: int) -> torch.Tensor:
@@ -89,7 +92,9 @@ class TunedLens(Lens):
 
     The translator is written residually (`h + Linear(h)`) and initialised at zero, so an untrained tuned
     lens equals the logit lens, and weight decay pulls it toward the identity rather than toward zero.
-    There is no translator at the last position: there the lens is the model itself.
+    There is no translator at the last position: there the lens is the model itself. Each translator lives on the
+    device of the residual it reads (`ModelView.residual_device`), which differs between layers when a device map
+    spreads the model over several devices; `transform` moves a residual there from wherever it is.
     """
 
     kind = "tuned"
@@ -101,7 +106,8 @@ class TunedLens(Lens):
         """Provenance read from or written to the lens file (e.g. the training recipe)."""
         d_model = view.d_model
         self.translators = nn.ModuleList(
-            nn.Linear(d_model, d_model, bias=bias, device=view.device, dtype=dtype) for _ in range(view.num_layers)
+            nn.Linear(d_model, d_model, bias=bias, device=view.residual_device(layer), dtype=dtype)
+            for layer in range(view.num_layers)
         )
         self.reset_parameters()
 
@@ -125,8 +131,9 @@ class TunedLens(Lens):
         if layer == self.view.num_layers:
             return h
         translator = self.translators[layer]
-        # The translator keeps its own (usually float32) precision; the result goes back to the model's dtype.
-        h_lens = h.to(translator.weight.dtype)
+        # The translator keeps its own (usually float32) precision and device; the result goes back to the model's
+        # dtype, and stays on the translator's device for the head to fetch.
+        h_lens = h.to(translator.weight.device, translator.weight.dtype)
         return (h_lens + translator(h_lens)).to(h.dtype)
 
     def save(self, directory: str | Path, **metadata: Any) -> Path:

@@ -58,7 +58,8 @@ def capture_residuals(
     counting from the end. With ``need_logits=False`` the forward stops after the last requested
     layer. With an attention mask, position ids follow it as in ``generate()``, so a left-padded row
     gives the same residuals at its real tokens as the unpadded sequence. Runs under the caller's
-    grad mode; the tensors are the model's own, not copies. Hooks are removed even on errors.
+    grad mode; the tensors are the model's own, not copies, each on the device its layer ran on (which
+    differs between layers in a model spread by a device map). Hooks are removed even on errors.
     """
     num_positions = view.num_positions
     wanted = range(num_positions) if positions is None else positions

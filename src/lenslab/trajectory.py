@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lenslab.adapter import ModelView, context_length
 from lenslab.errors import LensLabError
-from lenslab.evaluate import layer_names
+from lenslab.evaluate import layer_names, row_chunks
 from lenslab.lenses import Lens
 from lenslab.tokens import token_texts
 
@@ -309,16 +309,15 @@ def compute_trajectories(
     hidden = [h[0, start:end] for h in residuals.hidden]  # each [N, d_model]
     next_ids = torch.cat([ids, ids.new_tensor([-1])])[start + 1 : end + 1]  # [N]
     n_tokens, n_positions = end - start, view.num_positions
-    chunk = max(1, config.chunk_elements // vocab)
-    logger.debug("trajectory: %d positions x %d tokens, chunks of %d tokens", n_positions, n_tokens, chunk)
+    chunks = row_chunks(n_tokens, vocab, config.chunk_elements)
+    logger.debug("trajectory: %d positions x %d tokens in %d chunks", n_positions, n_tokens, len(chunks))
 
     model_name = view.model.config.name_or_path or type(view.model).__name__
     results = [
         _empty(model_name, lens.kind, layer_names(view), ids[start:end].clone(), next_ids, start, top_k, config)
         for lens in lenses
     ]
-    for chunk_start in range(0, n_tokens, chunk):
-        columns = slice(chunk_start, min(chunk_start + chunk, n_tokens))
+    for columns in chunks:
         final = _Final.from_logits(view.decode(hidden[-1][columns]).float())
         chunk_next = next_ids[columns].to(final.probs.device)
         for lens, trajectory in zip(lenses, results):

@@ -31,7 +31,8 @@ from transformers import PreTrainedModel
 
 from lenslab.adapter import ModelView
 from lenslab.errors import LensLabError
-from lenslab.lenses import Lens
+from lenslab.evaluate import row_chunks
+from lenslab.lenses import Lens, LogitLens
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,11 @@ def prediction_depth(view: ModelView, lens: Lens, tokens: Tensor, *, batch_size:
     for batch in tokens.split(batch_size):
         batch = batch.to(view.device)
         with torch.inference_mode():
-            residuals = view.capture(batch)
-            # top1: [L + 1, batch, seq - 1], the last position dropped: it predicts no token of the chunk.
-            top1 = torch.stack([lens(h[:, :-1], position).argmax(-1) for position, h in enumerate(residuals.hidden)])
+            hidden = view.capture(batch, need_logits=False).hidden
+            # top1: [L + 1, batch, seq - 1], its last row the model's own prediction.
+            top1, loss = _predictions(lens, hidden, batch, list(range(view.num_positions)))
             depths.append(settled_from(top1 == top1[-1]).cpu())
-            logits = residuals.logits[:, :-1].float()
-            losses.append(F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu())
+            losses.append(loss.cpu())
     depths, losses = torch.cat(depths), torch.cat(losses)
     result = DepthResult(depths, losses, view.num_layers, spearman(depths, losses))
     logger.info("Mean prediction depth %.2f of %d; Spearman with loss %.3f", result.depths.float().mean(),
@@ -148,19 +148,44 @@ def learned_checkpoint(checkpoints: Iterable[PreTrainedModel], tokens: Tensor, *
     """
     correct = []  # per checkpoint: [n_chunks, seq_len - 1] bool
     for index, model in enumerate(checkpoints):
-        _check_tokens(tokens, model.get_output_embeddings().weight.shape[0], f"checkpoint {index + 1}")
-        device = model.device
+        # Through a view, so the forward stops before the head and the logits are decoded a slice at a time.
+        view = ModelView.from_model(model)
+        _check_tokens(tokens, view.vocab_size, f"checkpoint {index + 1}")
         flags = []
         for batch in tokens.split(batch_size):
-            batch = batch.to(device)
+            batch = batch.to(view.device)
             with torch.inference_mode():
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-            flags.append((logits.argmax(-1) == batch[:, 1:]).cpu())
+                hidden = view.capture(batch, positions=[view.num_layers], need_logits=False).hidden
+                top1, _ = _predictions(LogitLens(view), hidden, batch, [view.num_layers])
+            flags.append((top1[0] == batch[:, 1:]).cpu())
         correct.append(torch.cat(flags))
     if not correct:
         raise LensLabError("No checkpoints were given; pass --checkpoints with at least one model.")
     learned = settled_from(torch.stack(correct))
     return learned.masked_fill(learned == len(correct), -1)
+
+
+def _predictions(lens: Lens, hidden: list[Tensor | None], batch: Tensor, positions: list[int]) -> tuple[Tensor, Tensor]:
+    """Top-1 prediction of ``lens`` at each of ``positions``, and the model's loss on the next token.
+
+    hidden: residuals [batch, seq, d_model] by lens position (at least ``positions`` and the last); batch: [batch,
+    seq] -> top1 [len(positions), batch, seq - 1] int64 and loss [batch, seq - 1] float32 nats. The logits exist one
+    slice of tokens at a time (`row_chunks`), never as a [batch, seq, vocab] tensor.
+    """
+    view = lens.view
+    last = view.num_layers
+    flat = {position: hidden[position].flatten(0, 1) for position in {*positions, last}}  # [batch * seq, d_model]
+    # Position t predicts token t + 1; the last position, whose target wraps around, is dropped at the end.
+    targets = batch.roll(-1, 1).flatten()
+    top1 = torch.empty(len(positions), len(targets), dtype=torch.long, device=batch.device)
+    loss = torch.empty(len(targets), device=batch.device)
+    for rows in row_chunks(len(targets), view.vocab_size):
+        final = view.decode(flat[last][rows]).float()  # the model's own logits (every lens's at the last position)
+        loss[rows] = F.cross_entropy(final, targets[rows], reduction="none")
+        for index, position in enumerate(positions):
+            logits = final if position == last else lens(flat[position][rows], position)  # [chunk, vocab]
+            top1[index, rows] = logits.argmax(-1)
+    return top1.view(len(positions), *batch.shape)[..., :-1], loss.view(batch.shape)[:, :-1]
 
 
 def add_learning_order(result: DepthResult, learned: Tensor, names: list[str]) -> DepthResult:

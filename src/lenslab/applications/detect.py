@@ -31,11 +31,13 @@ from sklearn.covariance import LedoitWolf
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import LocalOutlierFactor
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lenslab.adapter import ModelView
 from lenslab.applications.prompts import ChoicePrompt
 from lenslab.errors import LensLabError
+from lenslab.evaluate import row_chunks
 from lenslab.lenses import Lens
 
 logger = logging.getLogger(__name__)
@@ -124,9 +126,8 @@ def choice_features(
             hidden = view.capture(input_ids.to(view.device), attention_mask.to(view.device), need_logits=False).hidden
             for name, lens in lenses.items():
                 for position, h in enumerate(hidden):
-                    logits = lens(h[rows, positions], position).float()  # [n_choice_tokens, vocab]
-                    token_log_probs = logits.log_softmax(-1).gather(-1, targets.to(logits.device)[:, None])[:, 0]
-                    sums = torch.zeros(len(batch)).index_add_(0, rows, token_log_probs.cpu())  # [batch]
+                    token_log_probs = _token_log_probs(lens, position, h[rows, positions], targets)  # [choice tokens]
+                    sums = torch.zeros(len(batch)).index_add_(0, rows, token_log_probs)  # [batch]
                     trajectories[name][prompt_index, position, choice_index] = sums.numpy()
             last_prompt_token = torch.tensor([s.prompt_length - 1 for s in batch])
             final_residual[prompt_index] = hidden[-1][torch.arange(len(batch)), last_prompt_token].float().cpu().numpy()
@@ -134,6 +135,19 @@ def choice_features(
         # Normalised over the choices: a distribution over the same answers at every lens position.
         trajectories[name] = torch.from_numpy(values).log_softmax(-1).numpy()
     return PromptFeatures(trajectories, final_residual)
+
+
+def _token_log_probs(lens: Lens, position: int, h: Tensor, targets: Tensor) -> Tensor:
+    """The lens's log-probability of each target token, decoded a slice of tokens at a time (`row_chunks`).
+
+    h: [n, d_model] residuals at lens ``position``; targets: [n] token ids -> [n] float32 on the CPU.
+    """
+    targets = targets.to(h.device)
+    pieces = []
+    for rows in row_chunks(len(h), lens.view.vocab_size):
+        log_probs = lens(h[rows], position).float().log_softmax(-1)  # [chunk, vocab]
+        pieces.append(log_probs.gather(-1, targets[rows, None])[:, 0].cpu())
+    return torch.cat(pieces)
 
 
 class _Sequence(NamedTuple):

@@ -15,7 +15,8 @@ The ablation kind only decides r:
 An `Ablation` holds that choice for one lens position of one sample; the lens (``replacement``) and the
 model hook (``model_replacement``) take r from it, so both ablate with the *same* mean or the same partner.
 
-``residual_edit`` is the one place that edits the model's residual stream during a forward.
+``residual_edit`` is the one place that edits the model's residual stream during a forward; ``final_residuals``
+runs the forward the model analyses read, stopping before the head so that no [batch, seq, vocab] logits exist.
 """
 
 from __future__ import annotations
@@ -141,3 +142,10 @@ def residual_edit(view: ModelView, position: int, edit: Callable[[Tensor], Tenso
         yield
     finally:
         handle.remove()
+
+
+def final_residuals(view: ModelView, input_ids: Tensor) -> Tensor:
+    """The last residual of a forward over ``input_ids: [batch, seq]`` (under any `residual_edit`), [batch * seq,
+    d_model]: ``view.decode`` of a slice of its rows gives the model's logits there (the adapter checked that)."""
+    last = view.num_layers
+    return view.capture(input_ids, positions=[last], need_logits=False).hidden[last].flatten(0, 1)

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from lenslab.adapter import ModelView
-from lenslab.causal.ablation import Ablation, residual_edit
-from lenslab.causal.influence import lens_log_probs
+from lenslab.causal.ablation import Ablation, final_residuals, residual_edit
+from lenslab.causal.influence import lens_log_probs, token_chunks
 from lenslab.errors import LensLabError
 from lenslab.lenses import Lens
 
@@ -90,15 +90,20 @@ def stimulus_response_alignment(
         sequences = torch.arange(start, min(start + batch_size, len(input_ids)))
         ids = input_ids[sequences].to(view.device)
         h = residuals[sequences].to(view.device)
-        other = pairing.model_replacement(residuals, sequences).to(view.device, h.dtype)
-        stimulus = lens_log_probs(lens, other, layer) - lens_log_probs(lens, h, layer)
-        clean = view.capture(ids, positions=[]).logits.float().log_softmax(-1)
+        other = pairing.model_replacement(residuals, sequences).to(view.device, h.dtype)  # [batch, seq, d_model]
+        clean = final_residuals(view, ids)  # [batch * seq, d_model], like the rest below
         with residual_edit(view, layer, lambda _: other):
-            perturbed = view.capture(ids, positions=[]).logits.float().log_softmax(-1)
-        similarity = weighted_aitchison_similarity(stimulus, perturbed - clean, clean.exp())
-        defined = ~similarity.isnan()
-        total += float(similarity[defined].sum())
-        count += int(defined.sum())
+            perturbed = final_residuals(view, ids)
+        h_rows, other_rows = h.flatten(0, 1), other.flatten(0, 1)
+        # A chunk of tokens at a time: the similarity holds several float64 [chunk, vocab] tensors.
+        for rows in token_chunks(len(h_rows), 1, view.vocab_size):
+            stimulus = lens_log_probs(lens, other_rows[rows], layer) - lens_log_probs(lens, h_rows[rows], layer)
+            log_clean = view.decode(clean[rows]).float().log_softmax(-1)  # [chunk, vocab]
+            response = view.decode(perturbed[rows]).float().log_softmax(-1) - log_clean
+            similarity = weighted_aitchison_similarity(stimulus, response, log_clean.exp())
+            defined = ~similarity.isnan()
+            total += float(similarity[defined].sum())
+            count += int(defined.sum())
         if progress is not None:
             progress(len(sequences))
     return Alignment(layer=layer, similarity=total / count if count else float("nan"), tokens=count)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lenslab.causal.influence import chunk_size, influence_terms, lens_influences, lens_log_probs
+from lenslab.causal.influence import influence_terms, lens_influences, lens_log_probs, token_chunks
 from lenslab.causal.reference import initial_directions
 from lenslab.errors import LensLabError
 from lenslab.lenses import Lens
@@ -118,16 +118,15 @@ def _sampling_probabilities(token_influence: Tensor, config: FastConfig) -> Tens
 
 def _sampled_gradients(lens: Lens, layer: int, h: Tensor, samples: int, generator: torch.Generator) -> Tensor:
     """g = ∇_h log q(y | h) with y drawn from the lens's own prediction, [samples, n, d_model]."""
-    step = chunk_size(1, lens.view.vocab_size)
     out = torch.empty(samples, *h.shape, device=h.device)
-    for start in range(0, len(h), step):
-        x = h[start : start + step].float().requires_grad_(True)
+    for rows in token_chunks(len(h), 1, lens.view.vocab_size):
+        x = h[rows].float().requires_grad_(True)
         log_q = lens_log_probs(lens, x, layer)  # [chunk, vocab]
         for s in range(samples):
             y = torch.multinomial(log_q.detach().exp(), 1, generator=generator)  # [chunk, 1]
             # Tokens are independent, so the gradient of the sum is every token's own gradient.
             (grad,) = torch.autograd.grad(log_q.gather(-1, y).sum(), x, retain_graph=s < samples - 1)
-            out[s, start : start + step] = grad
+            out[s, rows] = grad
     return out
 
 
@@ -169,16 +168,27 @@ def _refine(
     progress: Callable[[int], None] | None,
 ) -> Tensor:
     """Adam on importance-sampled minibatches of the exact summed influence, [k, d_model] -> [k, d_model]."""
-    n = len(h)
+    n, k = len(h), len(frame)
 
     def objective(q: Tensor) -> Tensor:
         rows = torch.multinomial(probabilities, config.batch_tokens, replacement=True, generator=generator)
-        weights = 1.0 / (n * probabilities[rows])  # E[weight * term] over the sampling = the uniform mean
-        chunk_replacement = replacement[rows] if replacement.ndim == 2 else replacement
-        with torch.no_grad():
-            log_p = lens_log_probs(lens, h[rows], layer)
-        terms = influence_terms(lens, layer, h[rows], q.T, chunk_replacement, log_p)  # [k, batch]
-        return (terms * weights).mean(-1).sum()
+        # E[weight * term] over the sampling = the uniform mean; divided by the batch, the sum is the batch mean.
+        weights = 1.0 / (n * probabilities[rows] * len(rows))
+        # The k ablated copies of the batch are decoded a chunk of tokens at a time and each chunk's gradient is
+        # taken at once, freeing its [k, chunk, vocab] graph; the sums return as a stand-in linear in q with the
+        # objective's value and gradient, which the caller's backward carries on through the QR retraction.
+        leaf = q.detach().requires_grad_(True)
+        value, grad = torch.zeros((), device=h.device), torch.zeros_like(q)
+        for chunk in token_chunks(len(rows), k, lens.view.vocab_size):
+            chosen = rows[chunk]
+            chunk_replacement = replacement[chosen] if replacement.ndim == 2 else replacement
+            with torch.no_grad():
+                log_p = lens_log_probs(lens, h[chosen], layer)
+            terms = influence_terms(lens, layer, h[chosen], leaf.T, chunk_replacement, log_p)  # [k, chunk]
+            part = (terms * weights[chunk]).sum()
+            grad += torch.autograd.grad(part, leaf)[0]
+            value += part.detach()
+        return value + ((q - q.detach()) * grad).sum()
 
     return _stiefel_ascent(objective, frame.T, config.steps, config.lr, progress).T
 

@@ -22,9 +22,9 @@ from scipy.stats import spearmanr
 from torch import Tensor
 
 from lenslab.adapter import ModelView
-from lenslab.causal.ablation import ablate, residual_edit
+from lenslab.causal.ablation import ablate, final_residuals, residual_edit
 from lenslab.causal.basis import CausalBasis
-from lenslab.causal.influence import kl_divergence, lens_influences
+from lenslab.causal.influence import kl_divergence, lens_influences, token_chunks
 from lenslab.errors import LensLabError
 from lenslab.lenses import Lens
 
@@ -68,13 +68,17 @@ def model_influences(
     for start in range(0, len(input_ids), batch_size):
         sequences = torch.arange(start, min(start + batch_size, len(input_ids)))
         ids = input_ids[sequences].to(view.device)
-        clean = view.capture(ids, positions=[]).logits.float().log_softmax(-1)  # [batch, seq, vocab]
+        clean = final_residuals(view, ids)  # [batch * seq, d_model]
         replacement = basis.ablation.model_replacement(residuals, sequences).to(view.device)
         for j, direction in enumerate(directions):
             edit = lambda h, direction=direction: ablate(h, direction.unsqueeze(0), replacement)  # noqa: E731
             with residual_edit(view, basis.layer, edit):
-                ablated = view.capture(ids, positions=[]).logits
-            total[j] += kl_divergence(clean, ablated).sum()
+                ablated = final_residuals(view, ids)
+            # Decoded a chunk of tokens at a time; the clean chunk is decoded again for every direction, which
+            # costs one head per direction but keeps memory bounded by a chunk, not by the batch or by k.
+            for rows in token_chunks(len(clean), 1, view.vocab_size):
+                log_p = view.decode(clean[rows]).float().log_softmax(-1)  # [chunk, vocab]
+                total[j] += kl_divergence(log_p, view.decode(ablated[rows])).sum()
         if progress is not None:
             progress(len(sequences))
     return total / input_ids.numel()

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lenslab.causal.ablation import ablate_each
+from lenslab.evaluate import row_chunks
 from lenslab.lenses import Lens
 
 MAX_LOGITS_PER_CHUNK = 2**24
@@ -44,9 +45,9 @@ def influence_terms(
     return kl_divergence(log_p.unsqueeze(0), logits)
 
 
-def chunk_size(k: int, vocab: int) -> int:
-    """Tokens per chunk so that k ablated copies keep at most `MAX_LOGITS_PER_CHUNK` logits."""
-    return max(1, MAX_LOGITS_PER_CHUNK // max(1, k * vocab))
+def token_chunks(n: int, k: int, vocab: int) -> list[slice]:
+    """Slices of range(n) tokens, each small enough that k copies of it keep at most `MAX_LOGITS_PER_CHUNK` logits."""
+    return row_chunks(n, k * vocab, MAX_LOGITS_PER_CHUNK)
 
 
 @torch.no_grad()
@@ -58,9 +59,7 @@ def lens_influences(lens: Lens, layer: int, h: Tensor, directions: Tensor, repla
     """
     directions = directions.to(h.device, torch.float32)
     total = torch.zeros(len(directions), device=h.device)
-    step = chunk_size(len(directions), lens.view.vocab_size)
-    for start in range(0, len(h), step):
-        rows = slice(start, start + step)
+    for rows in token_chunks(len(h), len(directions), lens.view.vocab_size):
         chunk_replacement = replacement[rows] if replacement.ndim == 2 else replacement
         log_p = lens_log_probs(lens, h[rows], layer)
         total += influence_terms(lens, layer, h[rows], directions, chunk_replacement, log_p).sum(-1)

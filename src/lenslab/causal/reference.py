@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lenslab.causal.influence import chunk_size, influence_terms, lens_log_probs
+from lenslab.causal.influence import influence_terms, lens_log_probs, token_chunks
+from lenslab.evaluate import row_chunks
 from lenslab.lenses import Lens
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ MAX_EVALUATIONS = 100
 """Objective evaluations per direction, as tuned-lens's ``max_iter=100``."""
 TOLERANCE = 1e-4
 """Relative change of σ across one L-BFGS step below which a direction is considered converged."""
+CACHED_LOGITS = 2**28
+"""Largest sample (tokens x vocabulary) whose clean log-probabilities are kept between objective evaluations: 1 GiB
+of float32, e.g. 4,096 tokens of a 65k vocabulary. A larger sample has them recomputed, a chunk at a time, at every
+evaluation (one more lens forward per chunk), so that memory stays bounded by a chunk, not by the sample."""
 
 
 def reference_directions(
@@ -50,11 +55,15 @@ def reference_directions(
     d_model = h.shape[-1]
     start = initial_directions(lens, d_model, k, seed).to(h.device)
     found = torch.zeros(0, d_model, device=h.device)
-    # The clean log-probabilities do not depend on the direction: computed once per chunk.
-    step = chunk_size(1, lens.view.vocab_size)
-    chunks = [slice(i, i + step) for i in range(0, len(h), step)]
-    with torch.no_grad():
-        clean = [lens_log_probs(lens, h[rows], layer) for rows in chunks]
+    vocab = lens.view.vocab_size
+    chunks = token_chunks(len(h), 1, vocab)
+
+    def clean(rows: slice) -> Tensor:
+        with torch.no_grad():
+            return lens_log_probs(lens, h[rows], layer)
+
+    # The clean log-probabilities do not depend on the direction: computed once per chunk where they fit.
+    cached = [clean(rows) for rows in chunks] if len(h) * vocab <= CACHED_LOGITS else None
 
     for j in range(k):
         complement = torch.eye(d_model, device=h.device) - found.T @ found
@@ -71,14 +80,17 @@ def reference_directions(
         def closure() -> Tensor:
             nonlocal evaluations, energy, previous
             evaluations += 1
-            optimizer.zero_grad()
+            v.grad = torch.zeros_like(v)
             total = 0.0
-            # Backward per chunk: the gradient accumulates in v without holding every chunk's graph.
-            for rows, log_p in zip(chunks, clean):
-                direction = on_sphere(v).unsqueeze(0)  # [1, d_model], rebuilt per chunk: each backward frees it
+            # A gradient per chunk: it accumulates in v without holding every chunk's graph. Taken with respect to
+            # v alone, not by backward(), which would also fill a [vocab, d_model] .grad of the model's
+            # unembedding (and the lens's own) wherever those still require gradients.
+            for index, rows in enumerate(chunks):
+                log_p = clean(rows) if cached is None else cached[index]
+                direction = on_sphere(v).unsqueeze(0)  # [1, d_model], rebuilt per chunk: each gradient frees it
                 chunk_replacement = replacement[rows] if replacement.ndim == 2 else replacement
                 kl = influence_terms(lens, layer, h[rows], direction, chunk_replacement, log_p).sum()
-                (-kl / len(h)).backward()
+                v.grad += torch.autograd.grad(-kl / len(h), v)[0]
                 total += kl.item()
             previous, energy = energy, total / len(h)
             return torch.tensor(-energy)
@@ -99,10 +111,15 @@ def reference_directions(
 def initial_directions(lens: Lens, d_model: int, k: int, seed: int = 0) -> Tensor:
     """The reference's starting directions, [k, d_model] orthonormal: the unembedding's top right singular
     vectors (the residual directions the logits are most sensitive to), or random ones if the widths differ."""
-    weight = lens.view.unembedding_weight().detach().float()  # [vocab, d_unembed]
+    weight = lens.view.unembedding_weight().detach()  # [vocab, d_unembed]
     if weight.shape[1] == d_model:
         # Right singular vectors = eigenvectors of WᵀW ([d_model, d_model], all d_model of them even when the
-        # vocabulary is smaller), largest first.
-        return torch.linalg.eigh(weight.double().T @ weight.double()).eigenvectors.flip(-1).T[:k].float()
+        # vocabulary is smaller), largest first. WᵀW is summed over slices of the vocabulary: a float64 copy of a
+        # whole 262k-token unembedding would be gigabytes.
+        gram = torch.zeros(d_model, d_model, dtype=torch.float64, device=weight.device)
+        for rows in row_chunks(len(weight), d_model):
+            piece = weight[rows].double()
+            gram += piece.T @ piece
+        return torch.linalg.eigh(gram).eigenvectors.flip(-1).T[:k].float()
     generator = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(d_model, k, generator=generator)).Q.T

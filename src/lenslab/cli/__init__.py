@@ -2,7 +2,8 @@
 
 Every subcommand module exposes `register(subparsers)`, which adds its parser and sets
 `run=<function taking the parsed namespace and returning an exit code>`. The CLI owns user-facing
-output; the library underneath only returns results and raises `LensLabError` for bad input.
+output; the library underneath only returns results and raises `LensLabError` for bad input. Output paths are
+checked before any model loads (`lenslab.cli.outputs`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 success, 2 bad input)."""
+    """Run the CLI; returns the exit code (0 success, 2 bad input, 130 interrupted by Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except LensLabError as error:
         print(f"lenslab {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every file is written to a temporary name and renamed into place, so none is left half-written.
+        print(f"lenslab {args.command}: interrupted; no file was left half-written.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, load_model_from_args, positive_int
+from lenslab.cli.outputs import check_output, mark
 from lenslab.errors import LensLabError
 
 DEFAULT_TOKENS = 4096
@@ -33,6 +34,8 @@ DEFAULT_SEQ_LEN = 256
 give resample ablation many partners and the sample more documents."""
 BATCH_TOKENS = 2**13
 """Tokens per model forward."""
+SUMMARY_FILE = "summary.json"
+FIDELITY_FILE = "fidelity.png"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,7 +83,9 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
     try:
         layers = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise LensLabError(f"--layers {text!r} is not 'all' or a comma-separated list of integers; pass e.g. 0,3,5.") from None
+        raise LensLabError(
+            f"--layers {text!r} is not 'all' or a comma-separated list of integers; pass e.g. 0,3,5."
+        ) from None
     bad = [layer for layer in layers if not 0 <= layer <= num_layers]
     if not layers or bad:
         raise LensLabError(
@@ -102,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from lenslab.data import default_seq_len, prepare_tokens
     from lenslab.lenses import LogitLens, TunedLens
 
-    if args.output.exists() and not args.output.is_dir():
-        raise LensLabError(f"--output {args.output} is a file; pass a directory (it is created if missing).")
+    for name in (BASES_FILE, SUMMARY_FILE, FIDELITY_FILE):
+        check_output(args.output / name, "--output", (Path(name).suffix,), args.command)
     loaded = load_model_from_args(args)
     view = ModelView.from_model(loaded.model)
     check = "shapes" if args.allow_model_mismatch else "full"
@@ -124,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
     bases, fidelities, alignments = [], [], []
     with _progress() as progress:
         task = progress.add_task("capturing residuals", total=n_seq)
-        sample = capture_sample(view, input_ids, layers, batch_size=batch_size, progress=lambda n: progress.advance(task, n))
+        sample = capture_sample(
+            view, input_ids, layers, batch_size=batch_size, progress=lambda n: progress.advance(task, n)
+        )
         progress.remove_task(task)
         for layer in layers:
             steps = config.k if config.method == "reference" else config.fast.steps
@@ -169,13 +176,13 @@ def run(args: argparse.Namespace) -> int:
         "seq_len": data.seq_len,
         "data": data.source,
         "seed": args.seed,
-    }
+    } | mark(args.command)
     lens_name = f"tuned lens {args.lens}" if args.lens else "logit lens"
     save_bases(args.output / BASES_FILE, bases)
-    atomic_write_json(args.output / "summary.json", summary)
-    plot_fidelity(fidelities, alignments, args.output / "fidelity.png", title=f"{args.model}, {lens_name}")
+    atomic_write_json(args.output / SUMMARY_FILE, summary)
+    plot_fidelity(fidelities, alignments, args.output / FIDELITY_FILE, title=f"{args.model}, {lens_name}")
     _print_table(summary, lens_name)
-    Console(stderr=True).print(f"Wrote {args.output / BASES_FILE}, summary.json and fidelity.png in {args.output}")
+    Console(stderr=True).print(f"Wrote {BASES_FILE}, {SUMMARY_FILE} and {FIDELITY_FILE} in {args.output}")
     return 0
 
 

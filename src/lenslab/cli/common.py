@@ -6,15 +6,16 @@ when the parsed flags are used.
 >>> import argparse
 >>> parser = argparse.ArgumentParser()
 >>> add_model_args(parser); add_data_args(parser)
->>> args = parser.parse_args(["--model", "gpt2", "--data", "notes.txt"])
+>>> args = parser.parse_args(["--model", "gpt2", "--data", "wikitext"])
 >>> data_spec_from_args(args)
-DataSpec(source='notes.txt', config=None, split='train', text_column='text')
+DataSpec(source='wikitext', config=None, split='train', text_column='text')
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
 
 from lenslab.errors import LensLabError
 
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 """`--dtype` values; "auto" is bfloat16 on GPUs that support it, float32 otherwise (see `lenslab.loading`)."""
+
+DEVICE_MAP_CHOICES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""`--device-map` values: accelerate's strategies for spreading a model over the GPUs, then CPU memory, then disk."""
+
+_MEMORY_SIZE = re.compile(r"\d+(\.\d+)?[KMG]i?B")
+"""A size `--max-memory` passes on to accelerate as text: 20GiB, 500MB, 1.5GB."""
 
 
 def positive_int(text: str) -> int:
@@ -37,8 +44,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def max_memory(text: str) -> dict[int | str, int | str]:
+    """argparse type of `--max-memory`: "0=20GiB,1=40GiB,cpu=100GiB" -> {0: "20GiB", 1: "40GiB", "cpu": "100GiB"}.
+
+    Devices are GPU numbers, cpu, mps or disk; a size is a number of bytes or a number with KB, MB, GB, KiB, MiB or
+    GiB.
+    """
+    limits: dict[int | str, int | str] = {}
+    for entry in text.split(","):
+        device, _, size = (part.strip() for part in entry.partition("="))
+        known_device = device.isdigit() or device in ("cpu", "mps", "disk")
+        if not known_device or not (size.isdigit() or _MEMORY_SIZE.fullmatch(size)):
+            raise argparse.ArgumentTypeError(
+                f"expected DEVICE=SIZE pairs separated by commas, e.g. 0=20GiB,cpu=60GiB, got {entry!r}"
+            )
+        limits[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return limits
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Add `--model`, `--dtype`, `--device`, `--revision` and `--trust-remote-code`."""
+    """Add `--model`, `--dtype`, `--device`, `--revision`, `--trust-remote-code`, and `--device-map`, `--max-memory`
+    and `--offload-folder` for models bigger than one device."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True, help="Hugging Face hub id or local directory of a causal LM")
     group.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weights dtype (default: %(default)s)")
@@ -49,18 +75,42 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--trust-remote-code", action="store_true", help="allow the model's own code from the hub to run"
     )
+    group.add_argument(
+        "--device-map",
+        default=None,
+        choices=DEVICE_MAP_CHOICES,
+        help="spread a model too big for one device over the GPUs, then CPU memory, then disk (needs accelerate); "
+        "--device then does not move it",
+    )
+    group.add_argument(
+        "--max-memory",
+        type=max_memory,
+        default=None,
+        help="with --device-map: the most each device may hold, e.g. 0=20GiB,1=40GiB,cpu=100GiB",
+    )
+    group.add_argument(
+        "--offload-folder",
+        default=None,
+        help="with --device-map: where to keep the weights it offloads to disk (needed unless they are safetensors)",
+    )
 
 
-def load_model_from_args(args: argparse.Namespace) -> LoadedModel:
-    """`lenslab.load_model` with the flags `add_model_args` added."""
+def load_model_from_args(
+    args: argparse.Namespace, *, model: str | None = None, revision: str | None = None, device: Any = None
+) -> LoadedModel:
+    """`lenslab.load_model` with the flags `add_model_args` added; `model`, `revision` and `device` replace
+    `--model`, `--revision` and `--device` (e.g. for another checkpoint of the model, or a torchrun process's GPU)."""
     from lenslab.loading import load_model
 
     return load_model(
-        args.model,
+        model or args.model,
         dtype=args.dtype,
-        device=args.device,
-        revision=args.revision,
+        device=device or args.device,
+        revision=revision if model else args.revision,
         trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
     )
 
 

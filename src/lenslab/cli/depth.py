@@ -22,6 +22,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, load_model_from_args, positive_int
+from lenslab.cli.outputs import check_output, mark
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,11 @@ def run(args: argparse.Namespace) -> int:
     from lenslab.artifacts import atomic_write_json
     from lenslab.data import prepare_tokens
     from lenslab.lenses import LogitLens, TunedLens
-    from lenslab.loading import load_model
     from lenslab.plots.depth import plot_depth_histogram, print_depth_table
 
     plot_path = args.plot or args.output.with_suffix(".png")
+    check_output(args.output, "--output", (".json",), args.command)
+    check_output(plot_path, "--plot", (".png",), args.command)
     loaded = load_model_from_args(args)
     view = ModelView.from_model(loaded.model)
     lens = TunedLens.load(args.lens, view) if args.lens else LogitLens(view)
@@ -93,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
         sources += [(args.model, revision) for revision in args.checkpoint_revisions or []]
         # One checkpoint in memory at a time: each is loaded when the previous one is done.
         models = (
-            load_model(name, dtype=args.dtype, device=args.device, revision=revision,
-                       trust_remote_code=args.trust_remote_code).model
-            for name, revision in sources
+            load_model_from_args(args, model=name, revision=revision).model for name, revision in sources
         )  # fmt: skip
         learned = learned_checkpoint(models, data.heldout, batch_size=batch_size)
         result = add_learning_order(result, learned, args.checkpoints or args.checkpoint_revisions)
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "lens_path": str(args.lens) if args.lens else None,
         "data": data.source,
         "seq_len": data.seq_len,
-    }
+    } | mark(args.command)
     atomic_write_json(args.output, record)
     Console(stderr=True).print(f"Wrote {args.output}, {plot_path}")
     return 0

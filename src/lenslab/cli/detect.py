@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lenslab.cli.common import add_model_args, load_model_from_args, positive_int
+from lenslab.cli.outputs import check_output, mark
 from lenslab.errors import LensLabError
 
 if TYPE_CHECKING:
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     features = args.features or ("both" if args.lens else "logit")
     if features != "logit" and args.lens is None:
         raise LensLabError(f"--features {features} needs a tuned lens; pass --lens DIR or --features logit.")
-    # The prompt files are read first: a malformed file fails before the model loads.
+    # The output path is checked and the prompt files are read first: a bad one fails before the model loads.
+    check_output(args.output, "--output", (".json",), args.command)
     normal = read_choice_prompts(args.normal, "--normal")
     test = read_choice_prompts(args.test, "--test")
     loaded = load_model_from_args(args)
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         "lens_path": str(args.lens) if args.lens else None,
         "normal": str(args.normal),
         "test": str(args.test),
-    }
+    } | mark(args.command)
     atomic_write_json(args.output, record)
     Console(stderr=True).print(f"Wrote {args.output}")
     return 0
@@ -129,6 +131,7 @@ def run_make_attacks(args: argparse.Namespace) -> int:
     from lenslab.applications.prompts import read_choice_prompts, write_choice_prompts
 
     config = AttackConfig(kind=args.kind, fraction=args.fraction, seed=args.seed, shots=args.shots)
+    check_output(args.output, "--output", (".jsonl",), args.command)
     records = make_attacks(read_choice_prompts(args.input, "--input"), config)
     write_choice_prompts(args.output, records)
     attacked = sum(record.label == "anomalous" for record in records)

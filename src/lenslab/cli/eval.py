@@ -4,16 +4,18 @@
 
 Writes the metrics as JSON (`EvalResult.to_json()` plus the data's provenance), a PNG of the per-layer curves
 next to it (or at `--plot`), with `--transfer` a heatmap of every translator at every layer, and prints a table.
-Everything is computed before anything is written, and every file is written atomically, so a failed run
-leaves earlier outputs as they were.
+The output paths are checked before the model loads (`lenslab.cli.outputs`), everything is computed before anything
+is written, and every file is written atomically, so a failed run leaves earlier outputs as they were. A trained
+lens is not scored on more of its training data than its training held out (`check_heldout`).
 
-Other subcommands that score lenses the same way (`lenslab transfer`) reuse `add_output_args`,
+Other subcommands that score lenses the same way (`lenslab transfer`) reuse `add_output_args`, `check_outputs`,
 `evaluate_to_files` and `print_table`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,13 +25,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, load_model_from_args, positive_int
+from lenslab.cli.outputs import check_output, mark
 from lenslab.errors import LensLabError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from lenslab.adapter import ModelView
+    from lenslab.data import DataSpec
     from lenslab.evaluate import EvalResult
     from lenslab.lenses import Lens
     from lenslab.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 UNITS = ("bits-per-byte", "nats")
 """Choices of `--units`, as `EvalResult.unit_factor` takes them."""
@@ -37,6 +45,8 @@ DEFAULT_TOKENS = 2**16
 """Held-out tokens scored when `--tokens` is not given."""
 BATCH_TOKENS = 2**13
 """Tokens per forward when `--batch-size` is not given (as in training)."""
+_HELDOUT_KEYS = ("heldout_tokens", "seq_len")
+"""What a lens's training record (`metadata["data"]`) must hold for `check_heldout` to know its held-out span."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.transfer and not args.lens:
         raise LensLabError("--transfer needs a trained lens to apply at other layers; pass --lens DIR.")
+    check_outputs(args, transfer=args.transfer)
     loaded = load_model_from_args(args)
     view = ModelView.from_model(loaded.model)
     # Lenses load before the data is read, so a lens for another model fails at once.
@@ -100,6 +111,21 @@ def run(args: argparse.Namespace) -> int:
         transfer=list(trained) if args.transfer else [],
         record={"lens_paths": {name: str(directory) for name, directory in directories.items()}},
     )  # fmt: skip
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The PNGs `evaluate_to_files` writes: the per-layer curves (`--plot`, by default FILE.png) and the transfer
+    heatmap beside them."""
+    plot_path = args.plot or args.output.with_suffix(".png")
+    return plot_path, plot_path.with_name(f"{plot_path.stem}-transfer.png")
+
+
+def check_outputs(args: argparse.Namespace, *, transfer: bool = False) -> None:
+    """Refuse, before the model loads, an `--output` or `--plot` that `evaluate_to_files` cannot or must not write."""
+    plot_path, transfer_path = output_paths(args)
+    check_output(args.output, "--output", (".json",), args.command)
+    for path in [plot_path, transfer_path] if transfer else [plot_path]:
+        check_output(path, "--plot", (".png",), args.command)
 
 
 def evaluate_to_files(
@@ -118,15 +144,17 @@ def evaluate_to_files(
     Returns the exit code, 0.
     """
     from lenslab.artifacts import atomic_write_json
-    from lenslab.data import prepare_tokens
+    from lenslab.data import default_seq_len, prepare_tokens
     from lenslab.evaluate import evaluate_lenses, transfer_matrix
     from lenslab.plots import plot_curves, plot_transfer
 
-    plot_path = args.plot or args.output.with_suffix(".png")
-    transfer_path = plot_path.with_name(f"{plot_path.stem}-transfer.png")
+    plot_path, transfer_path = output_paths(args)
+    spec = data_spec_from_args(args)
+    seq_len = args.seq_len or default_seq_len(loaded.model, loaded.tokenizer)
+    check_heldout(lenses, spec, loaded.tokenizer, tokens=args.tokens, seq_len=seq_len)
     data = prepare_tokens(
-        data_spec_from_args(args), loaded.tokenizer, train_tokens=0, heldout_tokens=args.tokens,
-        seq_len=args.seq_len, seed=args.seed, model=loaded.model,
+        spec, loaded.tokenizer, train_tokens=0, heldout_tokens=args.tokens, seq_len=seq_len, seed=args.seed,
+        model=loaded.model,
     )  # fmt: skip
     batch_size = args.batch_size or max(1, BATCH_TOKENS // data.seq_len)
     with _progress() as progress:
@@ -147,10 +175,49 @@ def evaluate_to_files(
     if transfer:
         written.append(plot_transfer(result, transfer_path, units=args.units))
     atomic_write_json(
-        args.output, result.to_json() | {"data": data.source, "seq_len": data.seq_len} | (record or {})
+        args.output,
+        result.to_json() | {"data": data.source, "seq_len": data.seq_len} | (record or {}) | mark(args.command),
     )
     Console(stderr=True).print("Wrote " + ", ".join(str(path) for path in [args.output, *written]))
     return 0
+
+
+def check_heldout(
+    lenses: dict[str, Lens], spec: DataSpec, tokenizer: PreTrainedTokenizerBase, *, tokens: int, seq_len: int
+) -> None:
+    """Refuse to score a lens on text it was trained on: more than the held-out span its training recorded
+    (`metadata["data"]`, see `lenslab train`) of the same source; warn when the source differs, as the same text
+    could sit under another name. Lenses without such a record (the logit lens, tuned-lens files) pass."""
+    from lenslab.data import heldout_span
+
+    needed = heldout_span(tokenizer, heldout_tokens=tokens, seq_len=seq_len)
+    for name, lens in lenses.items():
+        record = (getattr(lens, "metadata", None) or {}).get("data")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), int) for k in _HELDOUT_KEYS):
+            continue
+        held = heldout_span(tokenizer, heldout_tokens=record["heldout_tokens"], seq_len=record["seq_len"])
+        if needed <= held:
+            continue
+        trained_on = str(record.get("source"))
+        if not spec.same_source(trained_on):
+            log.warning(
+                "Lens %r held out only the first %d tokens of %s in training; --data %s is another source, so make "
+                "sure it does not hold that training text.",
+                name, record["heldout_tokens"], trained_on, spec.describe(),
+            )  # fmt: skip
+            continue
+        # Whole chunks of seq_len whose stream tokens fit in the held-out span.
+        limit = held // heldout_span(tokenizer, heldout_tokens=seq_len, seq_len=seq_len) * seq_len
+        if limit:
+            fix = f"pass --tokens {limit} or fewer"
+        elif held:
+            fix = f"pass --seq-len {record['seq_len']} --tokens {record['heldout_tokens']}"
+        else:
+            fix = "pass as --data text it was not trained on"
+        raise LensLabError(
+            f"--tokens {tokens} would score lens {name!r} on its own training text: its training held out only the "
+            f"first {record['heldout_tokens']} tokens of {trained_on} (in chunks of {record['seq_len']}); {fix}."
+        )
 
 
 def lens_names(directories: list[Path]) -> dict[str, Path]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lenslab.cli.common import add_model_args, load_model_from_args, positive_int
+from lenslab.cli.outputs import check_output, mark
 from lenslab.errors import LensLabError
 
 FORMATS = (".html", ".png", ".json")
@@ -123,12 +124,9 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args)
     if not text:  # found before the model loads, which can take minutes
         raise LensLabError(EMPTY_PROMPT)
+    if args.output is not None:
+        check_output(args.output, "--output", FORMATS, args.command)
     suffix = args.output.suffix.lower() if args.output else None
-    if suffix is not None and suffix not in FORMATS:
-        raise LensLabError(
-            f"--output {args.output} has extension {suffix or '(none)'!r}; pass a file ending in "
-            f"{', '.join(FORMATS)}, or no --output for the terminal view."
-        )
     if args.stat == "target" and not args.target:
         raise LensLabError(
             "--stat target shows the target's log-probability, but no target was given; pass --target TOKEN."
@@ -164,6 +162,6 @@ def run(args: argparse.Namespace) -> int:
 
         write_png(trajectories, args.output, args.stat)
     else:
-        atomic_write_json(args.output, trajectories_to_dict(trajectories))
+        atomic_write_json(args.output, trajectories_to_dict(trajectories) | mark(args.command))
     Console(stderr=True).print(f"Wrote {args.output}", markup=False, highlight=False)
     return 0

@@ -5,10 +5,11 @@
     torchrun --nproc_per_node 4 -m lenslab train --model gpt2 --output lenses/gpt2   # one GPU per process
 
 The first `--heldout-tokens` of the data are kept out of training (the text `lenslab eval` scores by default);
-training reads `--steps` x `--tokens-per-step` tokens after them unless `--train-tokens` says otherwise. The output
-directory receives `train_log.jsonl` (a record per step), a checkpoint every `--checkpoint-every` steps and, at
-the end, the lens (`config.json` + `params.safetensors`). Running the same command again resumes a killed run
-from its last checkpoint; a directory holding another configuration's run is refused unless `--overwrite`.
+training reads `--steps` x `--tokens-per-step` tokens after them (or `--init-tokens`, if more) unless
+`--train-tokens` says otherwise. The output directory receives `train_log.jsonl` (a record per step), a checkpoint
+every `--checkpoint-every` steps and, at the end, the lens (`config.json` + `params.safetensors`). Running the same
+command again resumes a killed run from its last checkpoint; a directory holding another configuration's run is
+refused unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a tuned lens for a model",
         description="Train a tuned lens (one affine translator per layer) to match the model's own next-token "
         "distribution at every layer: KL(p_final || p_lens) summed over layers, the model frozen. The default "
-        "recipe, fast, starts from a closed-form (ridge least-squares) fit and fine-tunes with Adam; --recipe paper "
-        "is the tuned lens paper's. Run under torchrun for data parallelism.",
+        "recipe, fast, starts from a closed-form (ridge least-squares) fit and fine-tunes with whitened SGD; "
+        "--recipe paper is the tuned lens paper's. Run under torchrun for data parallelism.",
     )
     add_model_args(parser)
     add_data_args(parser)
@@ -61,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--train-tokens", type=positive_int, default=None, metavar="N",
-        help="training tokens to read (default: --steps x --tokens-per-step, so no text is read twice)",
+        help="training tokens to read (default: --steps x --tokens-per-step, so no text is read twice, or "
+        "--init-tokens if that is more)",
     )  # fmt: skip
     parser.add_argument(
         "--heldout-tokens", type=non_negative_int, default=EVAL_TOKENS, metavar="N",
@@ -71,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("training (settings without a default take the recipe's)")
     group.add_argument(
         "--recipe", choices=("fast", "paper"), default=defaults.recipe,
-        help="fast: closed-form start, Adam, chunked KL; paper: tuned-lens's recipe (default: %(default)s)",
+        help="fast: closed-form start, whitened SGD, chunked KL; paper: tuned-lens's recipe (default: %(default)s)",
     )  # fmt: skip
     group.add_argument("--steps", type=int, default=None, help=f"optimiser steps ({per_recipe('steps')})")
     group.add_argument(
@@ -80,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     group.add_argument(
         "--batch-size", type=int, default=None, metavar="N",
-        help="sequences per forward pass in each process; lower it if memory runs out (default: about 8192 tokens)",
+        help="sequences per forward pass in each process; lower it if memory runs out (default: a power of two "
+        "that fits in half the free memory, at most 8192 tokens on CPU, 65536 on GPU)",
     )  # fmt: skip
     group.add_argument(
         "--optimizer", choices=("sgd", "adam", "whitened"), default=None,
@@ -158,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
         view = ModelView.from_model(loaded.model)
         seq_len = args.seq_len or default_seq_len(loaded.model, loaded.tokenizer)
         per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
-        # By default exactly the tokens the steps read, so that no sequence is read twice.
-        train_tokens = args.train_tokens or config.effective_steps * per_step * seq_len
+        # By default exactly the tokens the steps read, so that no sequence is read twice, unless the closed-form
+        # start asks for more (it would be cut to what the data holds).
+        step_tokens = config.effective_steps * per_step * seq_len
+        train_tokens = args.train_tokens or max(step_tokens, config.effective_init_tokens)
         data = prepare_tokens(
             data_spec_from_args(args), loaded.tokenizer, train_tokens=train_tokens, heldout_tokens=args.heldout_tokens,
             seq_len=seq_len, seed=args.seed, model=loaded.model,

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from lenslab.cli.common import add_data_args, add_model_args, load_model_from_args
-from lenslab.cli.eval import add_output_args, evaluate_to_files
+from lenslab.cli.eval import add_output_args, check_outputs, evaluate_to_files
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from lenslab.adapter import ModelView
     from lenslab.applications.transfer import BASE_TUNED, OWN_TUNED, transfer_lenses
 
+    check_outputs(args)
     loaded = load_model_from_args(args)
     view = ModelView.from_model(loaded.model)
     # Lenses load before the data is read, so a lens of the wrong shape fails at once.

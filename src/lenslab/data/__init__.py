@@ -24,7 +24,7 @@ with the seed.
 (torch.Size([2048, 256]), torch.Size([256, 256]), 0.326)
 """
 
-from lenslab.data.packing import MAX_SEQ_LEN, TokenData, default_seq_len, prepare_tokens
+from lenslab.data.packing import MAX_SEQ_LEN, TokenData, default_seq_len, heldout_span, prepare_tokens
 from lenslab.data.sources import (
     DEFAULT_CONFIG,
     DEFAULT_DATASET,
@@ -42,6 +42,7 @@ __all__ = [
     "DataSpec",
     "TokenData",
     "default_seq_len",
+    "heldout_span",
     "iter_texts",
     "prepare_tokens",
     "sample_texts",

@@ -117,6 +117,18 @@ def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return full[: starts[0]] if starts else []
 
 
+def heldout_span(tokenizer: PreTrainedTokenizerBase, *, heldout_tokens: int, seq_len: int) -> int:
+    """Tokens at the start of the source's token stream that `prepare_tokens` holds out for `heldout_tokens` in chunks
+    of `seq_len`: training reads only text after them, so an evaluation reading no more than them scores only text
+    training never saw."""
+    return _stream_tokens(heldout_tokens, seq_len, len(_special_prefix(tokenizer)))
+
+
+def _stream_tokens(tokens: int, seq_len: int, prefix_length: int) -> int:
+    """Stream tokens in ceil(tokens / seq_len) chunks, each `prefix_length` special tokens then the stream."""
+    return math.ceil(tokens / seq_len) * (seq_len - prefix_length)
+
+
 def prepare_tokens(
     spec: DataSpec,
     tokenizer: PreTrainedTokenizerBase,
@@ -148,8 +160,8 @@ def prepare_tokens(
         raise LensLabError("The tokenizer has no EOS or BOS token to join documents with; pass a tokenizer that does.")
 
     body = seq_len - len(prefix)
-    heldout = _Split(need=math.ceil(heldout_tokens / seq_len) * body)
-    train = _Split(need=math.ceil(train_tokens / seq_len) * body)
+    heldout = _Split(need=_stream_tokens(heldout_tokens, seq_len, len(prefix)))
+    train = _Split(need=_stream_tokens(train_tokens, seq_len, len(prefix)))
     batch: list[tuple[str, int]] = []  # (text, UTF-8 bytes)
 
     def tokenize_batch() -> None:

@@ -1,22 +1,26 @@
 """Where text comes from: local files, Hugging Face datasets or the model itself, read lazily document by document.
 
-Files and hub datasets go through the same `datasets.load_dataset(..., streaming=True)` call (local files with the
-`text`, `json` or `parquet` builder), so nothing is read before it is asked for.
+Local files are read here, line by line (`.txt`, `.jsonl`) or batch by batch (`.parquet`), so that a bad byte, line
+or row is reported with its file and place; hub datasets are streamed with `datasets.load_dataset(...,
+streaming=True)`. Nothing is read before it is asked for. Rows whose text field is missing or null are skipped, and
+how many were is logged as a warning per file.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lenslab.adapter import context_length
+from lenslab.adapter import context_length, execution_device
 from lenslab.errors import LensLabError
 
 log = logging.getLogger(__name__)
@@ -27,8 +31,10 @@ DEFAULT_CONFIG = "sample-10BT"
 """Its configuration: a 10-billion-token random sample of the full corpus."""
 SELF = "self"
 """`--data self`: the model samples its own training text. (A local file named `self` is `--data ./self`.)"""
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-"""File suffix -> the `datasets` builder that reads it."""
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+"""Suffixes of the local files `--data` reads (see `_READERS`)."""
+PARQUET_BATCH_ROWS = 1024
+"""Rows read from a parquet file at a time."""
 SELF_BATCH_SIZE = 16
 """Samples generated at once by `--data self`."""
 SELF_MAX_NEW_TOKENS = 512
@@ -52,6 +58,14 @@ class DataSpec:
         """Raise now if the source names a local path that is missing, before a model is loaded for nothing."""
         if self.source not in (None, SELF):
             _local_path(self.source)
+
+    def same_source(self, described: str) -> bool:
+        """Whether `described`, another spec's `describe()` (a lens records its training data's), names this source:
+        the same description, or a local path that resolves to the same file or directory."""
+        if described == self.describe():
+            return True
+        path = _local_path(self.source) if self.source not in (None, SELF) else None
+        return path is not None and Path(described).expanduser().resolve() == path.resolve()
 
     def describe(self) -> str:
         """A short human-readable name of the source, for logs, errors and saved configs."""
@@ -94,7 +108,7 @@ def _local_path(source: str) -> Path | None:
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if path.suffix in BUILDERS or source.startswith((".", "/", "~")) or source.endswith("/"):
+    if path.suffix in SUFFIXES or source.startswith((".", "/", "~")) or source.endswith("/"):
         raise LensLabError(f"--data {source} does not exist; pass an existing file or directory, or a hub dataset.")
     return None
 
@@ -102,41 +116,33 @@ def _local_path(source: str) -> Path | None:
 def _local_files(path: Path) -> list[Path]:
     """The readable files at `path`: itself, or those below a directory in sorted order."""
     if path.is_file():
-        if path.suffix not in BUILDERS:
+        if path.suffix not in SUFFIXES:
             raise LensLabError(
-                f"--data {path} has suffix {path.suffix!r}; expected one of {', '.join(BUILDERS)} or a directory."
+                f"--data {path} has suffix {path.suffix!r}; expected one of {', '.join(SUFFIXES)} or a directory."
             )
         return [path]
-    files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in BUILDERS)
+    files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix in SUFFIXES)
     if not files:
-        raise LensLabError(f"--data {path} holds no {', '.join(BUILDERS)} files; pass a directory that does.")
+        raise LensLabError(f"--data {path} holds no {', '.join(SUFFIXES)} files; pass a directory that does.")
     return files
 
 
 def _dataset_texts(spec: DataSpec) -> Iterator[str]:
-    """Texts of a local file, directory or hub dataset, read with `datasets.load_dataset(streaming=True)`."""
+    """Texts of a local file, directory or hub dataset (hub datasets read with `datasets.load_dataset`)."""
     path = _local_path(spec.source) if spec.source is not None else None
     if path is None:
         source = spec.source or DEFAULT_DATASET
         config = spec.config or (DEFAULT_CONFIG if spec.source is None else None)
         rows = _load(spec, path=source, name=config, split=spec.split)
-        yield from _column(rows, spec)
+        yield from _field_texts(((f"row {number}", row) for number, row in enumerate(rows, 1)), spec.describe(), spec)
         return
-    # One load per run of same-format files keeps the sorted order and the per-file cost low.
-    for builder, files in itertools.groupby(_local_files(path), key=lambda file: BUILDERS[file.suffix]):
-        # The text builder with sample_by="paragraph" yields blank-line separated documents, keeping their
-        # surrounding newlines; those are layout, not text, so they are stripped.
-        options = {"sample_by": "paragraph"} if builder == "text" else {}
-        rows = _load(spec, path=builder, data_files=[str(file) for file in files], split="train", **options)
-        if builder == "text":
-            yield from (text.strip() for text in _column(rows, replace(spec, text_column="text")))
-        else:
-            yield from _column(rows, spec)
+    for file in _local_files(path):
+        yield from _READERS[file.suffix](file, spec)
 
 
 def _load(spec: DataSpec, **kwargs) -> Iterator[dict]:
     """`datasets.load_dataset(**kwargs, streaming=True)`, its failures turned into a LensLabError."""
-    import datasets  # imported here: it is slow to import and only file and hub sources need it
+    import datasets  # imported here: it is slow to import and only hub sources need it
 
     try:
         return iter(datasets.load_dataset(**kwargs, streaming=True))
@@ -148,18 +154,151 @@ def _load(spec: DataSpec, **kwargs) -> Iterator[dict]:
         ) from error
 
 
-def _column(rows: Iterator[dict], spec: DataSpec) -> Iterator[str]:
-    """The text field of every row; None values are skipped, a missing field is an error."""
-    for row in rows:
-        try:
-            text = row[spec.text_column]
-        except KeyError:
-            raise LensLabError(
-                f"--data {spec.describe()} has columns {sorted(row)} but no {spec.text_column!r}; pass "
-                f"--text-column one of them."
-            ) from None
-        if text is not None:
-            yield text
+def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file, newline kept as "\n"; a byte that is not UTF-8 stops with its place."""
+    offset = 0
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise LensLabError(
+                    f"--data {file} is not UTF-8 text: line {number} has byte 0x{raw[error.start]:02x} at byte offset "
+                    f"{offset + error.start}; convert the file to UTF-8, with iconv -f latin1 -t utf-8 for instance."
+                ) from None
+            offset += len(raw)
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not text
+            if line.endswith("\r\n"):
+                line = line[:-2] + "\n"
+            yield number, line
+
+
+def _text_documents(file: Path, spec: DataSpec) -> Iterator[str]:
+    """The documents of a `.txt` file: runs of lines separated by empty lines, stripped of surrounding space."""
+    lines: list[str] = []
+    for _, line in _utf8_lines(file):
+        if line.rstrip("\n"):
+            lines.append(line)
+        elif lines:
+            yield "".join(lines).strip()
+            lines.clear()
+    if lines:
+        yield "".join(lines).strip()
+
+
+def _json_documents(file: Path, spec: DataSpec) -> Iterator[str]:
+    """The text fields of a `.jsonl` file's lines, or of a `.json` file's array of objects (or of strings), single
+    object or lines."""
+    with open(file, "rb") as handle:
+        is_array = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    rows = _json_document(file, spec.text_column) if is_array or file.suffix == ".json" else _json_lines(file)
+    yield from _field_texts(rows, str(file), spec)
+
+
+def _json_lines(file: Path) -> Iterator[tuple[str, Any]]:
+    for number, line in _utf8_lines(file):
+        if line.strip():
+            try:
+                yield f"line {number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise LensLabError(
+                    f"--data {file} line {number} is not valid JSON ({error.msg} at column {error.colno}); fix or "
+                    f"remove that line."
+                ) from None
+
+
+def _json_document(file: Path, column: str) -> Iterator[tuple[str, Any]]:
+    """The records of a file holding one JSON value: an array of objects or of strings (the documents), or one
+    object; a file of one object per line is read as lines."""
+    try:
+        value = json.loads("".join(line for _, line in _utf8_lines(file)))
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # more than one value: JSON lines under a .json name
+            yield from _json_lines(file)
+            return
+        raise LensLabError(
+            f"--data {file} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); fix it."
+        ) from None
+    if not isinstance(value, list):
+        yield "line 1", value
+        return
+    for number, item in enumerate(value, start=1):
+        yield f"item {number}", {column: item} if isinstance(item, str) else item
+
+
+def _parquet_documents(file: Path, spec: DataSpec) -> Iterator[str]:
+    """The text column of a `.parquet` file, a batch of rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as error:
+        raise LensLabError(f"Could not read --data {file} ({error}); pass a readable parquet file.") from None
+    columns = table.schema_arrow.names
+    if spec.text_column not in columns:
+        raise LensLabError(
+            f"--data {file} has columns {sorted(columns)} but no {spec.text_column!r}; pass --text-column one of them."
+        )
+
+    def rows() -> Iterator[tuple[str, Any]]:
+        number = 0
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[spec.text_column]):
+            for value in batch.column(0).to_pylist():
+                number += 1
+                yield f"row {number}", {spec.text_column: value}
+
+    yield from _field_texts(rows(), str(file), spec)
+
+
+_READERS: dict[str, Callable[[Path, DataSpec], Iterator[str]]] = {
+    ".txt": _text_documents, ".jsonl": _json_documents, ".json": _json_documents, ".parquet": _parquet_documents,
+}  # fmt: skip
+"""File suffix -> the reader of its documents."""
+
+
+def _field_texts(rows: Iterator[tuple[str, Any]], where: str, spec: DataSpec) -> Iterator[str]:
+    """The text field of every (place, row) of the source `where`.
+
+    A field missing from the first row is a wrong `--text-column`; rows without it later, or with null, are skipped
+    and counted in a warning (also when the reader stops early); any other non-string stops with the row's place.
+    """
+    column, missing, read = spec.text_column, 0, 0
+    try:
+        for place, row in rows:
+            read += 1
+            if not isinstance(row, dict):
+                raise LensLabError(
+                    f"--data {where} {place} is {_shown(row)}, not an object; write each record as an object with a "
+                    f"{column!r} field."
+                )
+            if read == 1 and column not in row:
+                raise LensLabError(
+                    f"--data {where} has columns {sorted(row)} but no {column!r}; pass --text-column one of them."
+                )
+            text = row.get(column)
+            if text is None:
+                missing += 1
+            elif not isinstance(text, str):
+                raise LensLabError(
+                    f"--data {where} {place}: {column!r} is {_shown(text)}, not a string; fix that record, or pass "
+                    f"--text-column naming a field of strings."
+                )
+            else:
+                yield text
+    finally:
+        if missing:
+            log.warning(
+                "--data %s: %d of the %d rows read had no %r field (or null) and were skipped", where, missing, read,
+                column,
+            )  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    """`value` as JSON, cut short for an error message."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def sample_texts(
@@ -177,7 +316,9 @@ def sample_texts(
     penalty) whatever the model's `generation_config` recommends, because the lens should see the model's own
     distribution. Each batch is seeded from `seed`, and the global RNG state is left as it was.
     """
-    prompt = torch.tensor([_sampling_prompt(tokenizer)], device=model.device).repeat(batch_size, 1)
+    # Where the embeddings run: `model.device` is the meta device when a device map offloads them to disk.
+    device = execution_device(model.get_input_embeddings(), model.device)
+    prompt = torch.tensor([_sampling_prompt(tokenizer)], device=device).repeat(batch_size, 1)
     eos = model.generation_config.eos_token_id
     eos = tokenizer.eos_token_id if eos is None else eos
     first_eos = eos[0] if isinstance(eos, list) else eos
@@ -189,10 +330,10 @@ def sample_texts(
         max_new_tokens=int(max_new_tokens), eos_token_id=eos, pad_token_id=pad,
     )  # fmt: skip
     seeds = torch.Generator().manual_seed(seed)
-    devices = [] if model.device.type == "cpu" else [model.device]
+    devices = [] if device.type == "cpu" else [device]
     sampled_tokens = 0
     for batch in itertools.count():
-        with torch.random.fork_rng(devices=devices, device_type=model.device.type):
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
             torch.manual_seed(int(torch.randint(2**62, (), generator=seeds)))
             output = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
         new_tokens = output[:, prompt.shape[1] :]

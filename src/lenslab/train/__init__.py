@@ -3,8 +3,9 @@
 The package follows the pieces of a run, each readable alone:
 
     config.py        TrainConfig: every setting, and what each recipe (fast, the default, or paper) fills in
-    batches.py       which sequences each step reads, a function of (seed, step)
-    closed_form.py   the fast recipe's start: each translator fitted by ridge least squares
+    batches.py       which sequences each step reads, a function of (seed, step), and how many fit in memory at once
+    closed_form.py   the fast recipe's start: each translator fitted by ridge least squares, shrunk toward the
+                     identity where held-out tokens decode better with less of it
     objective.py     KL(p_final || p_lens) summed over positions, back-propagated one position at a time or
                      through chunked_kl.py: all positions at once, the vocabulary in chunks of tokens, bfloat16
     whitened_sgd.py  the fast recipe's optimiser: SGD on gradients whitened by the closed-form statistics

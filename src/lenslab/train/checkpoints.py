@@ -53,6 +53,9 @@ class Checkpoint:
     """Seconds spent training so far."""
     rng: dict[str, Any] = field(default_factory=dict)
     """Torch's CPU and CUDA generator states (`capture_rng`)."""
+    init_shrinkage: list[float] | None = None
+    """The closed-form start's shrinkage per lens position (`TrainResult.init_shrinkage`), for the finished lens's
+    metadata: a resumed run does not fit the start again."""
 
 
 def normalise(data: Any) -> Any:

@@ -49,10 +49,6 @@ DEFAULT_LR = {"sgd": 1.0, "adam": 1e-3, "whitened": 30.0}
 `docs/benchmarks.md`, where 10 to 100 all beat Adam; 100 did a little better than 30 there but moves the lens
 further on rounding noise, see `lenslab.train.whitened_sgd.DAMPING`)."""
 
-MICRO_BATCH_TOKENS = 2**13
-"""Tokens per micro-batch when `batch_size` is None: large enough to keep a GPU busy, small enough that one
-layer's [batch, seq, vocab] float32 logits of a 128k-token vocabulary stay near 4 GiB."""
-
 # Fields that change only speed or memory, never the lens: a run may resume with other values.
 NOT_IN_FINGERPRINT = ("batch_size", "checkpoint_every")
 
@@ -72,7 +68,9 @@ class TrainConfig:
     """Tokens per optimiser step, over all processes; rounded to whole sequences (a multiple of the process count)."""
     batch_size: int | None = None
     """Sequences per forward pass (micro-batch) in each process; gradient accumulation fills `tokens_per_step`.
-    None: as many as hold `MICRO_BATCH_TOKENS` tokens (at least one). Lower it when memory runs out."""
+    None: the largest power of two that fits in half the device's free memory by an estimate, within 8192 tokens
+    on CPU and 65536 on GPU, and at least one (`lenslab.train.batches.choose_micro_batch`). Lower it when memory
+    runs out."""
     recipe: Literal["fast", "paper"] = "fast"
     """"fast" (closed-form start, whitened SGD, chunked KL) or "paper" (tuned-lens's recipe); see this module's
     docstring."""
@@ -95,8 +93,10 @@ class TrainConfig:
     recipe and min(1000, steps // 10) in the fast one."""
     init_tokens: int | None = None
     """Tokens read for the closed-form start (ridge least squares; 0: start from the logit lens, as the paper does),
-    the first sequences of the run's reading order, so the steps read them again. None: the recipe's (fast 2^16,
-    paper 0). A lens passed to `train_lens` is overwritten by the closed-form start unless this is 0."""
+    the first sequences of the run's reading order, so the steps read them again; one sequence in eight of them (at
+    least one of two) is held out to shrink each position's fit toward the logit lens where that decodes better
+    (`lenslab.train.closed_form`). None: the recipe's (fast 2^16, paper 0). A lens passed to `train_lens` is
+    overwritten by the closed-form start unless this is 0."""
     ridge: float = 1e-4
     """Ridge penalty of the closed-form start, relative to the mean squared residual (see
     `lenslab.train.closed_form`); raise it if the start is singular for lack of tokens."""
@@ -194,10 +194,6 @@ class TrainConfig:
         if self.effective_optimizer != "adam":  # SGD, whitened or not, never warms up (as in tuned-lens)
             return 0
         return min(1000, int(self.effective_steps * self.defaults.warmup_fraction))
-
-    def micro_batch_size(self, seq_len: int) -> int:
-        """`batch_size`, or the number of `seq_len`-token sequences that hold `MICRO_BATCH_TOKENS` tokens."""
-        return self.batch_size or max(1, MICRO_BATCH_TOKENS // seq_len)
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that decide the trained lens (with defaults resolved), for comparing two runs."""

@@ -53,6 +53,17 @@ class Processes:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             tensor.div_(self.world_size)
 
+    def average_on(self, tensors: list[torch.Tensor], device: torch.device) -> None:
+        """`average` for tensors kept in host memory when the backend reduces only `device`'s (NCCL: CUDA tensors):
+        each is copied there, reduced and copied back, one at a time, so that only one is ever on `device`."""
+        if self.world_size == 1:
+            return
+        for tensor in tensors:
+            moved = tensor.to(device)
+            self.average([moved])
+            if moved is not tensor:
+                tensor.copy_(moved)
+
     def barrier(self) -> None:
         """Wait for every process (a no-op for one)."""
         if self.world_size > 1:

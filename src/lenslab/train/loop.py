@@ -2,13 +2,13 @@
 
 A fresh run first fits the translators in closed form (`lenslab.train.closed_form`) on the first
 `TrainConfig.init_tokens` tokens of its reading order, when that is above 0. Then one step reads
-`sequences_per_step` sequences (`lenslab.train.batches`), in micro-batches of `TrainConfig.micro_batch_size`. Each
-micro-batch is one forward of the model under `no_grad` that captures every residual (and the final logits, for
-the plain objective), then the recipe's backward (`lenslab.train.objective`): one per lens position, or one for
-all positions through the chunked KL. Gradients are averaged over processes (`lenslab.train.distributed`), checked
-to be finite, and handed to the recipe (`lenslab.train.recipes`) for the update. The output directory
-(`lenslab.train.checkpoints`) gets a log line per step, a checkpoint every `checkpoint_every` steps, and finally
-the lens.
+`sequences_per_step` sequences (`lenslab.train.batches`), in micro-batches of `TrainConfig.batch_size` sequences
+(or as many as fit in free memory, `lenslab.train.batches.choose_micro_batch`). Each micro-batch is one forward
+of the model under `no_grad` that captures every residual (and the final logits, for the plain objective), then
+the recipe's backward (`lenslab.train.objective`): one per lens position, or one for all positions through the
+chunked KL. Gradients are averaged over processes (`lenslab.train.distributed`), checked to be finite, and handed
+to the recipe (`lenslab.train.recipes`) for the update. The output directory (`lenslab.train.checkpoints`) gets a
+log line per step, a checkpoint every `checkpoint_every` steps, and finally the lens.
 
 >>> result = train_lens(view, data.train, TrainConfig(steps=100), output_dir="lens/")  # doctest: +SKIP
 >>> result.history[-1].loss                                                            # doctest: +SKIP
@@ -35,10 +35,10 @@ from lenslab.artifacts import unembed_fingerprint
 from lenslab.errors import LensLabError
 from lenslab.lenses import TunedLens
 from lenslab.train import checkpoints
-from lenslab.train.batches import sequences_per_step, step_indices
+from lenslab.train.batches import choose_micro_batch, sequences_per_step, step_indices
 from lenslab.train.chunked_kl import native_bf16, supports_chunked_kl
 from lenslab.train.closed_form import fit_closed_form
-from lenslab.train.config import TrainConfig
+from lenslab.train.config import TrainConfig, flag
 from lenslab.train.distributed import Processes
 from lenslab.train.objective import backward_by_layer, backward_chunked, final_target
 from lenslab.train.recipes import RECIPES, Recipe
@@ -78,6 +78,9 @@ class TrainResult:
     """One record per step, from step 1 (those before a resume included)."""
     init_tokens: int = 0
     """Tokens the closed-form start read (over all processes), besides those of the steps."""
+    init_shrinkage: list[float] | None = None
+    """[L] how far the closed-form start's map at each lens position was kept (1) or shrunk toward the identity (0)
+    (`lenslab.train.closed_form`); None without a start, or with one too small to hold any sequence out."""
 
 
 def run_fingerprint(view: ModelView, tokens: torch.Tensor, config: TrainConfig) -> dict[str, Any]:
@@ -126,7 +129,14 @@ def train_lens(
     output_dir = Path(output_dir) if output_dir is not None else None
     num_sequences, seq_len = tokens.shape
     per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
-    init_sequences = min(num_sequences, math.ceil(config.effective_init_tokens / seq_len))
+    init_sequences = math.ceil(config.effective_init_tokens / seq_len)
+    if init_sequences > num_sequences:
+        _warn_cut(
+            "init_tokens", config.effective_init_tokens, num_sequences * seq_len,
+            f"the training data holds {num_sequences} sequences of {seq_len} tokens; pass --train-tokens of at least "
+            f"{config.effective_init_tokens} to read them all",
+        )  # fmt: skip
+        init_sequences = num_sequences
     fingerprint = run_fingerprint(view, tokens, config)
     view.model.eval().requires_grad_(False)
     lens = TunedLens.from_model(view) if lens is None else lens
@@ -135,14 +145,15 @@ def train_lens(
     optimizer = recipe.build_optimizer(params)
 
     history: list[StepRecord] = []
-    elapsed, first_step, checkpoint_step = 0.0, 0, None
+    elapsed, first_step, checkpoint_step, shrinkage = 0.0, 0, None, None
     if output_dir is not None:
         start = checkpoints.plan_start(output_dir, fingerprint, resume=resume, overwrite=overwrite)
         if start.finished:
             log.info("%s already holds the lens this run would train; loading it", output_dir)
+            finished = TunedLens.load(output_dir, view)
             return TrainResult(
-                TunedLens.load(output_dir, view), [StepRecord(**r) for r in checkpoints.read_log(output_dir)],
-                init_tokens=init_sequences * seq_len,
+                finished, [StepRecord(**r) for r in checkpoints.read_log(output_dir)],
+                init_tokens=init_sequences * seq_len, init_shrinkage=finished.metadata.get("init_shrinkage"),
             )  # fmt: skip
         if start.checkpoint is not None:
             lens.load_state_dict(start.checkpoint.lens)
@@ -150,20 +161,17 @@ def train_lens(
             checkpoints.restore_rng(start.checkpoint.rng)
             history = [StepRecord(**record) for record in start.checkpoint.history]
             elapsed, first_step = start.checkpoint.elapsed, start.checkpoint.step
-            checkpoint_step = first_step
+            checkpoint_step, shrinkage = first_step, start.checkpoint.init_shrinkage
         if processes.is_main:
             checkpoints.write_log(output_dir, [asdict(record) for record in history])
-    _log_plan(config, per_step, seq_len, num_sequences, processes)
+    objective = _objective(view, recipe, config)
+    micro_batch = config.batch_size or choose_micro_batch(view, seq_len, objective.chunked)
+    _log_plan(config, per_step, seq_len, num_sequences, micro_batch, processes)
 
-    micro_batch = config.micro_batch_size(seq_len)
     if first_step == 0 and init_sequences:
         started = time.perf_counter()
-        # The first sequences of the reading order: the first steps read them again.
-        indices = step_indices(0, init_sequences, num_sequences, config.seed)[processes.rank :: processes.world_size]
-        equations = fit_closed_form(view, lens, tokens[indices], micro_batch, config.ridge, processes)
-        recipe.start(optimizer, equations)
+        shrinkage = _closed_form_start(view, lens, tokens, init_sequences, micro_batch, recipe, optimizer, processes)
         elapsed += time.perf_counter() - started
-    objective = _objective(view, recipe, config)
     steps = config.effective_steps
     step_tokens = per_step * seq_len  # over all processes
     bar = tqdm(
@@ -201,7 +209,7 @@ def train_lens(
                     checkpoints.Checkpoint(
                         step=record.step, fingerprint=fingerprint, lens=lens.state_dict(),
                         optimizer=optimizer.state_dict(), history=[asdict(r) for r in history], elapsed=elapsed,
-                        rng=checkpoints.capture_rng(),
+                        rng=checkpoints.capture_rng(), init_shrinkage=shrinkage,
                     ),
                 )  # fmt: skip
         if output_dir is not None and checkpoint_due:
@@ -218,6 +226,7 @@ def train_lens(
         "steps_done": steps,
         "tokens_seen": steps * step_tokens,
         "init_tokens": init_sequences * seq_len,
+        "init_shrinkage": shrinkage,
         "final_loss": history[-1].loss if history else None,
         "processes": processes.world_size,
     }
@@ -226,7 +235,29 @@ def train_lens(
         checkpoints.remove_checkpoint(output_dir)
         log.debug("Saved the tuned lens to %s", output_dir)
     processes.barrier()
-    return TrainResult(lens=lens, history=history, init_tokens=init_sequences * seq_len)
+    return TrainResult(lens=lens, history=history, init_tokens=init_sequences * seq_len, init_shrinkage=shrinkage)
+
+
+def _closed_form_start(
+    view: ModelView,
+    lens: TunedLens,
+    tokens: torch.Tensor,
+    init_sequences: int,
+    micro_batch: int,
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer,
+    processes: Processes,
+) -> list[float] | None:
+    """Fit the translators in closed form and start the recipe from its statistics; returns the shrinkage chosen.
+
+    Its own function so that the normal equations (host memory, see `lenslab.train.closed_form`) are freed before
+    the first step.
+    """
+    # The first sequences of the reading order: the first steps read them again.
+    indices = step_indices(0, init_sequences, len(tokens), recipe.config.seed)
+    start = fit_closed_form(view, lens, tokens[indices], micro_batch, recipe.config.ridge, processes)
+    recipe.start(optimizer, start.equations)
+    return start.shrinkage
 
 
 class Objective(NamedTuple):
@@ -293,8 +324,16 @@ def _check_tokens(view: ModelView, tokens: torch.Tensor) -> None:
         )
 
 
-def _log_plan(config: TrainConfig, per_step: int, seq_len: int, num_sequences: int, processes: Processes) -> None:
-    """Say how the token budget maps onto sequences, and warn when sequences will be read more than once."""
+def _warn_cut(name: str, asked: int, used: int, why: str) -> None:
+    """Warn that the `TrainConfig` setting `name` is cut from `asked` to `used`, and `why` (a clause naming the fix)."""
+    log.warning("%s %d is cut to %d: %s.", flag(name), asked, used, why)
+
+
+def _log_plan(
+    config: TrainConfig, per_step: int, seq_len: int, num_sequences: int, micro_batch: int, processes: Processes
+) -> None:
+    """Say how the token budget maps onto sequences and micro-batches; warn when sequences will be read more than
+    once or `batch_size` is more than a step holds."""
     if per_step * seq_len != config.tokens_per_step:
         log.info(
             "Using %d sequences of %d tokens (%d tokens) per step for --tokens-per-step %d",
@@ -306,10 +345,15 @@ def _log_plan(config: TrainConfig, per_step: int, seq_len: int, num_sequences: i
             "The data holds %d sequences but %d steps read %d, so each is read about %.1f times; pass more "
             "--train-tokens to see each once.", num_sequences, config.effective_steps, needed, needed / num_sequences,
         )  # fmt: skip
+    share = per_step // processes.world_size
+    if config.batch_size is not None and config.batch_size > share:
+        _warn_cut(
+            "batch_size", config.batch_size, share,
+            f"each process reads only {share} sequences per step; pass more --tokens-per-step for larger steps",
+        )  # fmt: skip
     log.info(
         "Training %d steps of %d sequences in micro-batches of %d on %d process(es)",
-        config.effective_steps, per_step, min(config.micro_batch_size(seq_len), per_step // processes.world_size),
-        processes.world_size,
+        config.effective_steps, per_step, min(micro_batch, share), processes.world_size,
     )  # fmt: skip
 
 

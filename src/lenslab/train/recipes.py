@@ -114,7 +114,8 @@ class PaperRecipe(Recipe):
 
     def start(self, optimizer: Optimizer, equations: NormalEquations) -> None:
         if isinstance(optimizer, WhitenedSGD):
-            optimizer.set_preconditioners(input_inverses(equations, DAMPING))
+            devices = [weight.device for weight, _ in optimizer.translators]  # where each inverse is needed
+            optimizer.set_preconditioners(input_inverses(equations, DAMPING, devices))
 
     def update(self, optimizer: Optimizer, params: list[nn.Parameter], step: int, grad_norm: torch.Tensor) -> float:
         torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm, grad_norm)
