@@ -41,7 +41,7 @@ from lenslab.lenses import LogitLens, TunedLens
 from lenslab.residuals import Residuals
 from lenslab.loading import load_model
 from lenslab.train import TrainConfig, train_lens
-from lenslab.train.batches import step_indices
+from lenslab.train.batches import choose_micro_batch, step_indices
 from lenslab.train.closed_form import fit_closed_form
 from lenslab.train.distributed import Processes
 from lenslab.train.recipes import RECIPES, FastRecipe, linear_schedule
@@ -181,7 +181,8 @@ def closed_form_only(view: ModelView, tokens: torch.Tensor, config: TrainConfig)
     lens = TunedLens.from_model(view)
     count = -(-config.effective_init_tokens // tokens.shape[1])
     indices = step_indices(0, count, len(tokens), config.seed)
-    fit_closed_form(view, lens, tokens[indices], config.micro_batch_size(tokens.shape[1]), config.ridge, Processes())
+    micro_batch = config.batch_size or choose_micro_batch(view, tokens.shape[1], chunked=True)
+    fit_closed_form(view, lens, tokens[indices], micro_batch, config.ridge, Processes())
     return lens
 
 

@@ -7,6 +7,10 @@ import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +26,9 @@ from lenslab.cli.outputs import check_output, mark
 from lenslab.data import DataSpec, iter_texts
 from lenslab.errors import LensLabError, LensModelMismatch
 from lenslab.model_source import check_model_source
+from lenslab.train import TrainConfig, train_lens
+from lenslab.train import loop as train_loop
+from lenslab.train.checkpoints import CHECKPOINT_DIR, LOG_FILE, RUN_FILE, load_checkpoint
 
 matplotlib.use("Agg")
 SEQ_LEN = 64
@@ -374,3 +381,190 @@ def test_model_sources_that_cannot_load_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: "/cache/config.json")
     with pytest.raises(LensLabError, match="run with HF_HUB_OFFLINE=1 to use it"):
         check_model_source("someone/some-model")
+
+
+# --- 1, 2: a training run's output folder: only its own files, one run at a time ----------------------------------
+
+
+def train_argv(tiny_lm, output: Path, *extra: str) -> list[str]:
+    """`lenslab train` on the tiny LM: 2 steps of 4 sequences of 32 tokens by default, a second or two."""
+    return [
+        "train", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.train_text_path), "--output", str(output),
+        "--seq-len", "32", "--tokens-per-step", "128", "--steps", "2", "--init-tokens", "256", "--device", "cpu",
+        *extra,
+    ]  # fmt: skip
+
+
+FOREIGN_FOLDERS = [
+    # (files there before the run, --overwrite, the refusal, or None where the run trains beside them)
+    ({"checkpoint/weights.bin": b"mine"}, False, "{d} is not empty (checkpoint) and holds no lenslab training run"),
+    ({"checkpoint/weights.bin": b"mine"}, True, "{d} holds checkpoint, which lenslab train did not write"),
+    ({"params.safetensors": b"x", "train_log.jsonl": b"y"}, True, "holds params.safetensors, train_log.jsonl, which"),
+    ({"README.md": b"mine"}, False, "pass another --output, or --overwrite to train there beside those files"),
+    ({"README.md": b"mine", "notes/a.txt": b"mine"}, True, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("files", "overwrite", "message"), FOREIGN_FOLDERS)
+def test_training_never_replaces_files_it_did_not_write(tiny_lm, tmp_path, capsys, files, overwrite, message):
+    output = tmp_path / "d"
+    for name, content in files.items():
+        (output / name).parent.mkdir(parents=True, exist_ok=True)
+        (output / name).write_bytes(content)
+    code = main(train_argv(tiny_lm, output, *(["--overwrite"] if overwrite else [])))
+    assert all((output / name).read_bytes() == content for name, content in files.items())
+    if message is None:
+        assert code == 0 and (output / RUN_FILE).is_file() and TunedLens.load(output, tiny_lm.model)
+        return
+    assert code == 2 and message.format(d=output) in one_error(capsys, "train")
+    assert sorted(path.name for path in output.iterdir()) == sorted({name.split("/")[0] for name in files})
+
+
+def test_a_run_replaces_and_deletes_only_its_own_files(tiny_lm, tmp_path):
+    output = tmp_path / "run"
+    assert main(train_argv(tiny_lm, output, "--checkpoint-every", "1")) == 0
+    (output / "notes.txt").write_text("mine")
+    (output / CHECKPOINT_DIR).mkdir()
+    (output / CHECKPOINT_DIR / "mine.txt").write_text("mine")
+    assert main(train_argv(tiny_lm, output, "--checkpoint-every", "1", "--lr", "10", "--overwrite")) == 0
+    assert TunedLens.load(output, tiny_lm.model).metadata["training"]["config"]["lr"] == 10
+    # The run's own checkpoint is gone, the folder it sat in is not: it holds a file lenslab did not write.
+    assert sorted(path.name for path in (output / CHECKPOINT_DIR).iterdir()) == ["mine.txt"]
+    assert (output / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_run_into_a_folder_in_use_stops_at_once(tiny_lm, tmp_path, capsys):
+    output = tmp_path / "run"
+    hold = "import sys, time; from pathlib import Path; from lenslab.train.checkpoints import own_output\n" \
+        "with own_output(Path(sys.argv[1]), overwrite=False):\n    print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(output)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(train_argv(tiny_lm, output)) == 2
+        expected = f"{output} is in use by another lenslab train run (process {holder.pid}); wait for it to finish"
+        assert expected in one_error(capsys, "train")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(train_argv(tiny_lm, output)) == 0  # the lock goes with the process that held it
+
+
+# --- 5: Ctrl-C and SIGTERM keep the step reached; reruns resume, or say the lens is trained ------------------------
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    """[48, SEQ] random token ids of the tiny models' vocabulary."""
+    return torch.randint(3, 100, (48, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def short_run(**overrides) -> TrainConfig:
+    """6 steps of 8 sequences from a zero start, checkpoints every 4: the signals below come before the first."""
+    settings = {"steps": 6, "tokens_per_step": 8 * SEQ, "batch_size": 8, "checkpoint_every": 4, "recipe": "paper"}
+    return TrainConfig(**settings | overrides)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_the_step_reached_and_the_rerun_resumes(view, tokens, tmp_path, signum):
+    def signalled_after_step_two(record):
+        if record.step == 2:
+            os.kill(os.getpid(), signum)
+
+    with pytest.raises(train_loop.TrainingInterrupted) as stopped:
+        train_lens(view, tokens, short_run(), output_dir=tmp_path, progress=False, on_step=signalled_after_step_two)
+    name = signal.Signals(signum).name
+    assert stopped.value.signum == signum and str(stopped.value) == (
+        f"{name} received: training stopped after step 2; run the same command again to resume from the checkpoint "
+        f"at step 2 in {tmp_path / CHECKPOINT_DIR}."
+    )
+    assert load_checkpoint(tmp_path).step == 2 and signal.getsignal(signum) in (signal.default_int_handler, 0)
+    resumed = []
+    result = train_lens(view, tokens, short_run(), output_dir=tmp_path, progress=False, on_step=resumed.append)
+    assert [record.step for record in resumed] == [3, 4, 5, 6]
+    whole = train_lens(view, tokens, short_run(), progress=False).lens
+    assert all(torch.allclose(whole.state_dict()[k], v, atol=1e-6) for k, v in result.lens.state_dict().items())
+
+
+def test_sigterm_to_lenslab_train_exits_143_with_the_step_to_resume_from(tiny_lm, tmp_path):
+    output = tmp_path / "run"
+    argv = train_argv(tiny_lm, output, "--steps", "2000", "--train-tokens", "4096", "--checkpoint-every", "1000")
+    process = subprocess.Popen([sys.executable, "-m", "lenslab", *argv], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ((output / LOG_FILE).is_file() and (output / LOG_FILE).read_text().count("\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    error = process.communicate(timeout=60)[1].strip().splitlines()[-1]
+    assert process.returncode == 143
+    step = load_checkpoint(output).step
+    assert error == (
+        f"lenslab train: SIGTERM received: training stopped after step {step}; run the same command again to resume "
+        f"from the checkpoint at step {step} in {output / CHECKPOINT_DIR}."
+    )
+
+
+def test_reruns_resume_restart_or_say_the_lens_is_trained(view, tokens, tmp_path):
+    def interrupted_after_step_two(record):
+        if record.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(train_loop.TrainingInterrupted):
+        train_lens(view, tokens, short_run(), output_dir=tmp_path, progress=False, on_step=interrupted_after_step_two)
+    steps = []
+    train_lens(view, tokens, short_run(), output_dir=tmp_path, progress=False, overwrite=True, on_step=steps.append)
+    assert steps[0].step == 3  # --overwrite resumes a run of this configuration
+    again = train_lens(view, tokens, short_run(), output_dir=tmp_path, progress=False, overwrite=True)
+    assert again.already_trained  # and keeps its finished lens
+    steps.clear()
+    train_lens(
+        view, tokens, short_run(), output_dir=tmp_path, progress=False, overwrite=True, resume=False,
+        on_step=steps.append,
+    )  # fmt: skip
+    assert steps[0].step == 1  # --overwrite --no-resume trains again
+
+
+def test_cli_says_a_finished_run_is_trained(tiny_lm, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(train_argv(tiny_lm, output)) == 0
+    capsys.readouterr()
+    assert main(train_argv(tiny_lm, output)) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{output} already holds the finished lens of this configuration (2 steps); pass --overwrite --no-resume to "
+        "train again."
+    )
+
+
+# --- 6: a loss that climbs and stays up is divergence, and no checkpoint of it is kept -----------------------------
+
+
+def test_a_climbing_loss_stops_the_run_and_keeps_a_checkpoint_from_before(view, tokens, tmp_path, monkeypatch):
+    accumulate, calls = train_loop._accumulate_gradients, []
+
+    def climbing_from_step_four(*args):
+        calls.append(1)
+        layer_losses = accumulate(*args)
+        return layer_losses * 30 if len(calls) >= 4 else layer_losses  # finite, but thirty times too high
+
+    monkeypatch.setattr(train_loop, "_accumulate_gradients", climbing_from_step_four)
+    with pytest.raises(LensLabError) as error:
+        train_lens(view, tokens, short_run(steps=12, checkpoint_every=1), output_dir=tmp_path, progress=False)
+    message = str(error.value)
+    assert re.search(r"diverged at step 7 \(its loss, .*, and that of the 3 steps before it were above 2 times", message)
+    # Step 3's checkpoint would have held the lens that step 4 found climbing, so step 2's is the last good one.
+    assert "the last good checkpoint (step 2) is kept" in message and load_checkpoint(tmp_path).step == 2
+    assert "pass a lower --lr than this run's 1," in message and "--dtype" not in message  # float32 already
+    assert message.count(". ") == 0 and not (tmp_path / CONFIG_FILE).exists()
+
+
+def test_lenslab_train_at_a_huge_learning_rate_exits_2(tiny_lm, tmp_path, capsys):
+    assert main(train_argv(tiny_lm, tmp_path / "run", "--steps", "12", "--lr", "1e6")) == 2
+    error = one_error(capsys, "train")
+    assert "Training diverged at step" in error and "pass a lower --lr than this run's 1e+06, with --overwrite" in error
+    assert not (tmp_path / "run" / CONFIG_FILE).exists()
+
+
+def test_half_precision_runs_are_told_of_float32():
+    message = train_loop._divergence_message(3, "a loss of 9", None, None, TrainConfig(lr=2.0), torch.bfloat16)
+    assert "pass a lower --lr than this run's 2 or --dtype float32, with --overwrite" in message

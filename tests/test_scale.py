@@ -23,9 +23,7 @@ from lenslab.applications.depth import learned_checkpoint, prediction_depth
 from lenslab.applications.detect import choice_features
 from lenslab.applications.prompts import ChoicePrompt
 from lenslab.artifacts import fingerprint_indices, fingerprint_matches, unembed_fingerprint
-from lenslab.causal import (
-    Ablation, CausalBasis, FastConfig, model_influences, stimulus_response_alignment,
-)  # fmt: skip
+from lenslab.causal import Ablation, CausalBasis, FastConfig, model_influences, stimulus_response_alignment
 from lenslab.causal import influence as influence_module
 from lenslab.causal import reference as reference_module
 from lenslab.causal.fast import fast_directions
@@ -153,9 +151,9 @@ def test_evaluation_memory(wide_view, wide_tokens, small_chunks):
 
 
 def test_prediction_depth_memory(wide_view, wide_tokens, small_chunks):
-    lens = LogitLens(wide_view)
-    assert_bounded(lambda: prediction_depth(wide_view, lens, wide_tokens, batch_size=SEQUENCES), wide_tokens.numel())
-    assert_bounded(lambda: learned_checkpoint([wide_view.model], wide_tokens, batch_size=SEQUENCES), wide_tokens.numel())
+    lens, rows = LogitLens(wide_view), wide_tokens.numel()
+    assert_bounded(lambda: prediction_depth(wide_view, lens, wide_tokens, batch_size=SEQUENCES), rows)
+    assert_bounded(lambda: learned_checkpoint([wide_view.model], wide_tokens, batch_size=SEQUENCES), rows)
 
 
 class NumberTokenizer:
@@ -200,7 +198,8 @@ def test_unembedding_gram_is_summed_in_slices(wide_view, small_chunks):
 def test_causal_model_analyses_memory(wide_view, wide_tokens, wide_residuals, small_chunks):
     lens = LogitLens(wide_view)
     ablation = Ablation.from_sample("mean", wide_residuals)
-    basis = CausalBasis(layer=0, directions=torch.eye(16)[:1], influences=torch.ones(1), ablation=ablation, method="fast")
+    directions = torch.eye(16)[:1]
+    basis = CausalBasis(layer=0, directions=directions, influences=torch.ones(1), ablation=ablation, method="fast")
     rows = wide_tokens.numel()
     assert_bounded(lambda: model_influences(wide_view, wide_tokens, wide_residuals, basis, batch_size=SEQUENCES), rows)
     assert_bounded(

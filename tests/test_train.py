@@ -316,10 +316,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(view, tokens, t
     else:
         monkeypatch.setattr(train_loop, "backward_chunked", poisoned_chunked)
     config = small_config(checkpoint_every=1, recipe=recipe)
-    with pytest.raises(LensLabError, match=r"diverged at step 4 .*not finite.*checkpoint \(step 3\) is kept"):
+    # Step 3's checkpoint is written only once step 4's loss has shown its lens sound, so step 2's is the last.
+    with pytest.raises(LensLabError, match=r"diverged at step 4 .*not finite.*checkpoint \(step 2\) is kept"):
         train_lens(view, tokens, config, output_dir=tmp_path, progress=False)
     checkpoint = load_checkpoint(tmp_path)
-    assert checkpoint.step == 3 and all(torch.isfinite(t).all() for t in checkpoint.lens.values())
+    assert checkpoint.step == 2 and all(torch.isfinite(t).all() for t in checkpoint.lens.values())
     assert not (tmp_path / "config.json").exists()
 
     monkeypatch.undo()  # the cause gone, the run resumes and finishes as if nothing had happened
@@ -353,8 +354,11 @@ def test_output_directory_of_another_configuration_is_refused(view, tokens, tmp_
 
 def test_directory_with_a_foreign_config_is_never_overwritten(view, tokens, tmp_path):
     view.model.config.save_pretrained(tmp_path)
-    with pytest.raises(LensLabError, match="not a lenslab lens.*another --output"):
+    with pytest.raises(LensLabError, match=r"is not empty \(config.json\) and holds no lenslab training run.*--overwrite"):
+        train_lens(view, tokens, small_config(steps=1), output_dir=tmp_path, progress=False)
+    with pytest.raises(LensLabError, match="holds config.json, which lenslab train did not write.*another --output"):
         train_lens(view, tokens, small_config(steps=1), output_dir=tmp_path, progress=False, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]
 
 
 def test_tokens_the_model_cannot_read_are_refused(view):

@@ -7,24 +7,29 @@
 The first `--heldout-tokens` of the data are kept out of training (the text `lenslab eval` scores by default);
 training reads `--steps` x `--tokens-per-step` tokens after them (or `--init-tokens`, if more) unless
 `--train-tokens` says otherwise. The output directory receives `train_log.jsonl` (a record per step), a checkpoint
-every `--checkpoint-every` steps and, at the end, the lens (`config.json` + `params.safetensors`). Running the same
-command again resumes a killed run from its last checkpoint; a directory holding another configuration's run is
-refused unless `--overwrite`.
+every `--checkpoint-every` steps and, at the end, the lens (`config.json` + `params.safetensors`); it is locked for
+the run, so a second run into it stops at once. Ctrl-C or SIGTERM stops after the step in progress and writes a
+checkpoint of it; running the same command again resumes from the last checkpoint. A directory holding another
+configuration's run is refused unless `--overwrite`, and a non-empty one that holds no lenslab run too; files
+lenslab did not write are never replaced or deleted (`lenslab.train.checkpoints`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, positive_int
+from lenslab.cli.common import add_data_args, add_model_args, data_spec_from_args, load_model_from_args, positive_int
 from lenslab.cli.eval import DEFAULT_TOKENS as EVAL_TOKENS
+from lenslab.errors import LensLabError
 
 if TYPE_CHECKING:
-    from lenslab.train import StepRecord
+    from lenslab.train import TrainResult
 
 
 def non_negative_int(text: str) -> int:
@@ -140,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `lenslab --help` does not pay for torch and transformers.
     from lenslab.adapter import ModelView
     from lenslab.data import default_seq_len, prepare_tokens
-    from lenslab.loading import load_model
     from lenslab.train import TrainConfig, init_distributed, shutdown_distributed, train_lens
     from lenslab.train.batches import sequences_per_step
+    from lenslab.train.checkpoints import CHECKPOINT_DIR, STATE_FILE, own_output
     from lenslab.train.distributed import Processes
+    from lenslab.train.loop import TrainingInterrupted
 
     # Settings are checked before anything is loaded.
     config = TrainConfig(
@@ -153,53 +159,68 @@ def run(args: argparse.Namespace) -> int:
         ridge=args.ridge, seed=args.seed,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
     )  # fmt: skip
+    if args.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LensLabError(
+            "--device-map spreads one model over all devices, while torchrun runs one copy per device; run lenslab "
+            "train without torchrun or drop --device-map."
+        )
     device = init_distributed(args.device)
     processes = Processes.current()
     try:
-        loaded = load_model(args.model, dtype=args.dtype, device=device, revision=args.revision,
-                            trust_remote_code=args.trust_remote_code)  # fmt: skip
-        view = ModelView.from_model(loaded.model)
-        seq_len = args.seq_len or default_seq_len(loaded.model, loaded.tokenizer)
-        per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
-        # By default exactly the tokens the steps read, so that no sequence is read twice, unless the closed-form
-        # start asks for more (it would be cut to what the data holds).
-        step_tokens = config.effective_steps * per_step * seq_len
-        train_tokens = args.train_tokens or max(step_tokens, config.effective_init_tokens)
-        data = prepare_tokens(
-            data_spec_from_args(args), loaded.tokenizer, train_tokens=train_tokens, heldout_tokens=args.heldout_tokens,
-            seq_len=seq_len, seed=args.seed, model=loaded.model,
-        )  # fmt: skip
-        metadata = {
-            "model": args.model,
-            "model_revision": args.revision,
-            "data": {
-                "source": data.source, "seq_len": data.seq_len, "train_sequences": len(data.train),
-                "heldout_tokens": args.heldout_tokens, "bytes_per_token": data.bytes_per_token,
-            },
-        }  # fmt: skip
-        result = train_lens(
-            view, data.train, config, output_dir=args.output, resume=args.resume, overwrite=args.overwrite,
-            metadata=metadata,
-        )  # fmt: skip
-    except KeyboardInterrupt:
+        # Held from before the model loads, so that a folder in use or not lenslab's is refused at once.
+        with own_output(args.output, overwrite=args.overwrite) if processes.is_main else contextlib.nullcontext():
+            loaded = load_model_from_args(args, device=device)
+            view = ModelView.from_model(loaded.model)
+            seq_len = args.seq_len or default_seq_len(loaded.model, loaded.tokenizer)
+            per_step = sequences_per_step(config.tokens_per_step, seq_len, processes.world_size)
+            # By default exactly the tokens the steps read, so that no sequence is read twice, unless the closed-form
+            # start asks for more (it would be cut to what the data holds).
+            step_tokens = config.effective_steps * per_step * seq_len
+            train_tokens = args.train_tokens or max(step_tokens, config.effective_init_tokens)
+            data = prepare_tokens(
+                data_spec_from_args(args), loaded.tokenizer, train_tokens=train_tokens,
+                heldout_tokens=args.heldout_tokens, seq_len=seq_len, seed=args.seed, model=loaded.model,
+            )  # fmt: skip
+            metadata = {
+                "model": args.model,
+                "model_revision": args.revision,
+                "data": {
+                    "source": data.source, "seq_len": data.seq_len, "train_sequences": len(data.train),
+                    "heldout_tokens": args.heldout_tokens, "bytes_per_token": data.bytes_per_token,
+                },
+            }  # fmt: skip
+            result = train_lens(
+                view, data.train, config, output_dir=args.output, resume=args.resume, overwrite=args.overwrite,
+                metadata=metadata,
+            )  # fmt: skip
+    except TrainingInterrupted as stopped:
         if processes.is_main:
-            print(
-                f"Interrupted; run the same command again to resume from the last checkpoint in {args.output}.",
-                file=sys.stderr,
-            )
+            print(f"lenslab train: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C during it
+        if processes.is_main:
+            if (args.output / CHECKPOINT_DIR / STATE_FILE).is_file():
+                where = f"run the same command again to resume from the checkpoint in {args.output / CHECKPOINT_DIR}"
+            else:
+                where = "no checkpoint was written, so running the same command again starts over"
+            print(f"lenslab train: interrupted; {where}.", file=sys.stderr)
         return 130
     finally:
         shutdown_distributed()
     if processes.is_main:
-        print(_summary(args.output, result.history, data.nats_to_bits_per_byte))
+        print(_summary(args.output, result, data.nats_to_bits_per_byte))
     return 0
 
 
-def _summary(output: Path, history: list[StepRecord], nats_to_bits_per_byte: float) -> str:
+def _summary(output: Path, result: TrainResult, nats_to_bits_per_byte: float) -> str:
     """One line on the finished run: where the lens is, how long it trained and the loss it reached."""
-    if not history:  # a finished lens found in --output, its log gone
-        return f"{output} already holds the tuned lens of this configuration."
-    last = history[-1]
+    if result.already_trained:
+        steps = result.lens.metadata.get("steps_done")
+        return (
+            f"{output} already holds the finished lens of this configuration ({steps} steps); pass --overwrite "
+            "--no-resume to train again."
+        )
+    last = result.history[-1]
     mean_kl = last.loss / len(last.layer_losses)
     return (
         f"Saved the tuned lens to {output}: {last.step} steps, {last.tokens:,} tokens, final loss {last.loss:.4f} "

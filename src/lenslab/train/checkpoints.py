@@ -3,28 +3,37 @@
     DIR/config.json, DIR/params.safetensors   the finished lens (`TunedLens.save`), written last
     DIR/train_log.jsonl                        one JSON record per step (`StepRecord`)
     DIR/checkpoint/state.pt                    lens, optimiser state, RNG, step and history of the last checkpoint
+    DIR/lenslab-run.json                       the paths above that the run owns (`RUN_PATHS`), written first
+    DIR/.lenslab-train.lock                    locked while a run trains here; holds its process id
 
 Every file is written atomically (`lenslab.artifacts.atomic_write`), so a killed run leaves the previous good
 checkpoint whole. Which batches come next is a function of (seed, step), so the step is the whole data position.
 
-A run starting in a directory that holds a lens or a checkpoint of a *different* configuration (its
-fingerprint: the settings that decide the lens, the data and the model) refuses to touch it unless told to
-overwrite; one of the *same* configuration resumes from the checkpoint, or returns the finished lens.
+lenslab never replaces or deletes a file it did not write (`own_output`): a non-empty directory without the run
+file is refused unless `overwrite`, and even then the run trains there only if none of its paths is taken by
+another program's file (those are named); files at other paths are left alone. A run starting in a directory that
+holds a lens or a checkpoint of a *different* configuration (its fingerprint: the settings that decide the lens,
+the data and the model) refuses to touch it unless told to overwrite; one of the *same* configuration resumes from
+the checkpoint, or returns the finished lens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import pickle
-import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from lenslab.artifacts import CONFIG_FILE, FORMAT_NAME, atomic_write
+from lenslab import __version__
+from lenslab.artifacts import CONFIG_FILE, FORMAT_NAME, PARAMS_BACKUP, PARAMS_FILE, atomic_write, atomic_write_json
 from lenslab.errors import LensLabError
 
 log = logging.getLogger(__name__)
@@ -33,6 +42,12 @@ CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_VERSION = 1
+RUN_FILE = "lenslab-run.json"
+LOCK_FILE = ".lenslab-train.lock"
+RUN_PATHS = (CONFIG_FILE, PARAMS_FILE, PARAMS_BACKUP, LOG_FILE, CHECKPOINT_DIR, LOCK_FILE, RUN_FILE)
+"""Everything a run writes in its output directory (the checkpoint folder as a whole), relative to it."""
+_held: dict[Path, int] = {}
+"""Output directories this process holds (`own_output`) -> how many `own_output` calls are inside one another."""
 
 
 @dataclass
@@ -103,8 +118,95 @@ def load_checkpoint(output_dir: Path) -> Checkpoint | None:
 
 
 def remove_checkpoint(output_dir: Path) -> None:
-    """Delete the checkpoint directory (once the finished lens is safely written)."""
-    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+    """Delete the checkpoint (once the finished lens is safely written), and its folder when nothing else is in it."""
+    (output_dir / CHECKPOINT_DIR / STATE_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: whatever else is there, lenslab did not write
+        (output_dir / CHECKPOINT_DIR).rmdir()
+
+
+@contextlib.contextmanager
+def own_output(output_dir: Path, *, overwrite: bool) -> Iterator[None]:
+    """Hold `output_dir` for one training run: refuse it if it is another program's (see the module docstring) or
+    another run holds it, mark it as a run's, and lock it until the block ends; re-entrant within a process."""
+    key = output_dir.resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    _check_owned(output_dir, overwrite)
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # The run file comes before the lock, so that a second run never finds a lock in a folder not yet marked.
+    if not (output_dir / RUN_FILE).is_file():
+        atomic_write_json(output_dir / RUN_FILE, {"written_by": f"lenslab train {__version__}", "files": RUN_PATHS})
+    with open(output_dir / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise LensLabError(
+                f"{output_dir} is in use by another lenslab train run (process {holder}); wait for it to finish, "
+                "or pass another --output."
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        _held[key] = 1
+        try:
+            yield
+        except BaseException:
+            # A run that failed before writing anything leaves the folder as it found it.
+            if {path.name for path in output_dir.iterdir()} <= {RUN_FILE, LOCK_FILE}:
+                for name in (RUN_FILE, LOCK_FILE):
+                    (output_dir / name).unlink(missing_ok=True)
+                if created:
+                    output_dir.rmdir()
+            raise
+        finally:
+            del _held[key]  # closing the file releases the lock
+
+
+def _check_owned(output_dir: Path, overwrite: bool) -> None:
+    """Raise unless training may write `output_dir`'s `RUN_PATHS`: every one that exists is the run's."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise LensLabError(f"--output {output_dir} is a file, not a folder; pass a folder.")
+    owned = _owned_paths(output_dir)
+    present = sorted(path.name for path in output_dir.iterdir())
+    if owned is None and present and not overwrite:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise LensLabError(
+            f"{output_dir} is not empty ({shown}) and holds no lenslab training run; pass another --output, or "
+            "--overwrite to train there beside those files, which are never replaced or deleted."
+        )
+    taken = [name for name in RUN_PATHS if name in present and name not in (owned or ())]
+    if taken:
+        raise LensLabError(
+            f"{output_dir} holds {', '.join(taken)}, which lenslab train did not write and a run there would "
+            "replace, so even --overwrite leaves them alone; move them away, or pass another --output."
+        )
+
+
+def _owned_paths(output_dir: Path) -> list[str] | None:
+    """The paths the run file of `output_dir` says the run owns; `RUN_PATHS` for a lens that lenslab train saved
+    before it wrote run files; None when the directory holds no run."""
+    try:
+        run = json.loads((output_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        run = None
+    if isinstance(run, dict) and str(run.get("written_by", "")).startswith("lenslab train"):
+        return [name for name in run.get("files", []) if isinstance(name, str)]
+    try:
+        config = json.loads((output_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    trained = isinstance(config, dict) and config.get("format") == FORMAT_NAME
+    return list(RUN_PATHS) if trained and "training" in (config.get("metadata") or {}) else None
 
 
 def differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -149,32 +251,40 @@ class Start(NamedTuple):
 
 
 def plan_start(output_dir: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool) -> Start:
-    """Decide how to start in `output_dir`; raises rather than touch a different run's files unless `overwrite`."""
+    """Decide how to start in `output_dir`: resume a checkpoint, or return a finished lens, of this configuration
+    (with `overwrite` too, unless `resume` is off); raise rather than replace another configuration's files unless
+    `overwrite`."""
     lens_fingerprint = finished_lens_fingerprint(output_dir)  # raises for a directory that is not a lens's
-    if overwrite:
-        return Start(checkpoint=None, finished=False)
-    checkpoint = load_checkpoint(output_dir)
+    try:
+        checkpoint = load_checkpoint(output_dir)
+    except LensLabError:
+        if not overwrite:
+            raise
+        checkpoint = None  # unreadable, and to be replaced
+    current = normalise(fingerprint)
     held = []
     if lens_fingerprint is not None:
         held.append(("a finished lens", lens_fingerprint))
     if checkpoint is not None:
         held.append((f"a checkpoint at step {checkpoint.step}", checkpoint.fingerprint))
-    for what, stored in held:
-        changed = differences(stored, normalise(fingerprint))
-        if changed:
+    if not overwrite:
+        for what, stored in held:
+            changed = differences(stored, current)
+            if changed:
+                raise LensLabError(
+                    f"{output_dir} holds {what} of a run with a different configuration (differing in "
+                    f"{', '.join(changed)}); pass --overwrite to replace it, or another --output."
+                )
+        if held and not resume:
             raise LensLabError(
-                f"{output_dir} holds {what} of a run with a different configuration (differing in "
-                f"{', '.join(changed)}); pass --overwrite to replace it, or another --output."
+                f"{output_dir} holds {held[0][0]} of this run and resuming is off; pass --overwrite to train from "
+                "scratch, or drop --no-resume."
             )
-    if held and not resume:
-        raise LensLabError(
-            f"{output_dir} holds {held[0][0]} of this run and resuming is off; pass --overwrite to train from "
-            "scratch, or drop --no-resume."
-        )
-    if checkpoint is not None:
+    if resume and checkpoint is not None and not differences(checkpoint.fingerprint, current):
         log.info("Resuming from the checkpoint at step %d in %s", checkpoint.step, output_dir)
         return Start(checkpoint=checkpoint, finished=False)
-    return Start(checkpoint=None, finished=lens_fingerprint is not None)
+    finished = resume and lens_fingerprint is not None and not differences(lens_fingerprint, current)
+    return Start(checkpoint=None, finished=finished)
 
 
 def write_log(output_dir: Path, records: list[dict[str, Any]]) -> None:

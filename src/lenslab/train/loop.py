@@ -7,8 +7,14 @@ A fresh run first fits the translators in closed form (`lenslab.train.closed_for
 of the model under `no_grad` that captures every residual (and the final logits, for the plain objective), then
 the recipe's backward (`lenslab.train.objective`): one per lens position, or one for all positions through the
 chunked KL. Gradients are averaged over processes (`lenslab.train.distributed`), checked to be finite, and handed
-to the recipe (`lenslab.train.recipes`) for the update. The output directory (`lenslab.train.checkpoints`) gets a
-log line per step, a checkpoint every `checkpoint_every` steps, and finally the lens.
+to the recipe (`lenslab.train.recipes`) for the update. The output directory (`lenslab.train.checkpoints`, locked
+for the run) gets a log line per step, a checkpoint every `checkpoint_every` steps, and finally the lens.
+
+Two things stop a run early. Divergence: a loss that is not finite, or above `DIVERGENCE_FACTOR` times the first
+step's for `DIVERGENCE_STEPS` steps in a row without halving, raises `LensLabError`; so that the checkpoint kept is
+really from before it, a checkpoint is written one step late, once the next step's loss has shown its lens sound. SIGINT
+(Ctrl-C) or SIGTERM: the step in progress completes, a checkpoint of it is written, and `TrainingInterrupted` says
+where the run can resume.
 
 >>> result = train_lens(view, data.train, TrainConfig(steps=100), output_dir="lens/")  # doctest: +SKIP
 >>> result.history[-1].loss                                                            # doctest: +SKIP
@@ -20,8 +26,10 @@ import contextlib
 import hashlib
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,6 +52,16 @@ from lenslab.train.objective import backward_by_layer, backward_chunked, final_t
 from lenslab.train.recipes import RECIPES, Recipe
 
 log = logging.getLogger(__name__)
+
+DIVERGENCE_FACTOR = 2.0
+"""A step whose loss is above this multiple of the first step's is suspect. A diverging lens climbs past it within a
+few steps and stays there or climbs on (`--lr 1e6` took a real model from 0.96 to 27.6 nats); batches differ by tens
+of percent."""
+DIVERGENCE_STEPS = 4
+"""Suspect steps in a row whose last loss is above half their first stop the run. A passing spike falls faster: on
+tiny models the fast recipe's first whitened steps, or the paper recipe at ten times its learning rate, rise up to
+seventeen-fold above a first loss that is already small, then fall to a third within three steps; a diverged lens
+drifts down far slower if at all (37 to 31 nats in five steps on a tiny model at `--lr 1e6`)."""
 
 
 @dataclass
@@ -68,6 +86,15 @@ class StepRecord:
     """Seconds of training so far, across resumed runs."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped `train_lens` between steps; its message says where the run can resume."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        """The signal received; a command line exits with 128 + signum (130 for SIGINT, 143 for SIGTERM)."""
+
+
 @dataclass
 class TrainResult:
     """A trained lens and how training went."""
@@ -81,6 +108,8 @@ class TrainResult:
     init_shrinkage: list[float] | None = None
     """[L] how far the closed-form start's map at each lens position was kept (1) or shrunk toward the identity (0)
     (`lenslab.train.closed_form`); None without a start, or with one too small to hold any sequence out."""
+    already_trained: bool = False
+    """The output directory already held the finished lens of this configuration, returned without training."""
 
 
 def run_fingerprint(view: ModelView, tokens: torch.Tensor, config: TrainConfig) -> dict[str, Any]:
@@ -121,7 +150,7 @@ def train_lens(
     `lens` (default: a new, untrained `TunedLens`) is trained in place (its translators are first replaced by the
     closed-form start when `config.effective_init_tokens` is above 0). Under `torchrun` (after
     `init_distributed`) every process calls this with the same tokens and reads its share of each step.
-    `metadata` is saved with the lens; `on_step` is called with each step's record (after its checkpoint).
+    `metadata` is saved with the lens; `on_step` is called with each step's record once it is logged.
     """
     config = config or TrainConfig()
     _check_tokens(view, tokens)
@@ -143,99 +172,173 @@ def train_lens(
     params = [param for param in lens.parameters() if param.requires_grad]
     recipe = RECIPES[config.recipe](config)
     optimizer = recipe.build_optimizer(params)
+    writes = output_dir is not None and processes.is_main
 
-    history: list[StepRecord] = []
-    elapsed, first_step, checkpoint_step, shrinkage = 0.0, 0, None, None
-    if output_dir is not None:
-        start = checkpoints.plan_start(output_dir, fingerprint, resume=resume, overwrite=overwrite)
-        if start.finished:
-            log.info("%s already holds the lens this run would train; loading it", output_dir)
-            finished = TunedLens.load(output_dir, view)
-            return TrainResult(
-                finished, [StepRecord(**r) for r in checkpoints.read_log(output_dir)],
-                init_tokens=init_sequences * seq_len, init_shrinkage=finished.metadata.get("init_shrinkage"),
-            )  # fmt: skip
-        if start.checkpoint is not None:
-            lens.load_state_dict(start.checkpoint.lens)
-            optimizer.load_state_dict(start.checkpoint.optimizer)
-            checkpoints.restore_rng(start.checkpoint.rng)
-            history = [StepRecord(**record) for record in start.checkpoint.history]
-            elapsed, first_step = start.checkpoint.elapsed, start.checkpoint.step
-            checkpoint_step, shrinkage = first_step, start.checkpoint.init_shrinkage
-        if processes.is_main:
-            checkpoints.write_log(output_dir, [asdict(record) for record in history])
-    objective = _objective(view, recipe, config)
-    micro_batch = config.batch_size or choose_micro_batch(view, seq_len, objective.chunked)
-    _log_plan(config, per_step, seq_len, num_sequences, micro_batch, processes)
-
-    if first_step == 0 and init_sequences:
-        started = time.perf_counter()
-        shrinkage = _closed_form_start(view, lens, tokens, init_sequences, micro_batch, recipe, optimizer, processes)
-        elapsed += time.perf_counter() - started
-    steps = config.effective_steps
-    step_tokens = per_step * seq_len  # over all processes
-    bar = tqdm(
-        total=steps, initial=first_step, desc="Training lens", unit="step",
-        disable=not (progress and processes.is_main), dynamic_ncols=True,
-    )  # fmt: skip
-    for step in range(first_step, steps):
-        started = time.perf_counter()
-        indices = step_indices(step, per_step, num_sequences, config.seed)[processes.rank :: processes.world_size]
-        layer_losses = _accumulate_gradients(view, lens, tokens[indices], micro_batch, objective)
-        grads = [param.grad for param in params if param.grad is not None]
-        processes.average([layer_losses, *grads])
-        grad_norm = torch.nn.utils.get_total_norm(grads)
-        if not (torch.isfinite(layer_losses).all() and torch.isfinite(grad_norm)):
-            raise LensLabError(_divergence_message(step, layer_losses, grad_norm, output_dir, checkpoint_step, config))
-        lr = recipe.update(optimizer, params, step, grad_norm)
-        optimizer.zero_grad(set_to_none=True)
-
-        seconds = time.perf_counter() - started
-        elapsed += seconds
-        record = StepRecord(
-            step=step + 1, loss=layer_losses.sum().item(), layer_losses=layer_losses.tolist(), lr=lr,
-            grad_norm=grad_norm.item(), tokens=(step + 1) * step_tokens, tokens_per_second=step_tokens / seconds,
-            elapsed=elapsed,
-        )  # fmt: skip
-        history.append(record)
-        # No checkpoint after the last step: the finished lens is saved instead.
-        every = config.checkpoint_every
-        checkpoint_due = every and record.step % every == 0 and record.step < steps
-        if output_dir is not None and processes.is_main:
-            checkpoints.append_log(output_dir, asdict(record))
-            if checkpoint_due:
-                checkpoints.save_checkpoint(
-                    output_dir,
-                    checkpoints.Checkpoint(
-                        step=record.step, fingerprint=fingerprint, lens=lens.state_dict(),
-                        optimizer=optimizer.state_dict(), history=[asdict(r) for r in history], elapsed=elapsed,
-                        rng=checkpoints.capture_rng(), init_shrinkage=shrinkage,
-                    ),
+    with contextlib.ExitStack() as held:
+        if writes:
+            held.enter_context(checkpoints.own_output(output_dir, overwrite=overwrite))
+        history: list[StepRecord] = []
+        elapsed, first_step, checkpoint_step, shrinkage = 0.0, 0, None, None
+        if output_dir is not None:
+            start = checkpoints.plan_start(output_dir, fingerprint, resume=resume, overwrite=overwrite)
+            if start.finished:
+                log.info("%s already holds the lens this run would train; loading it", output_dir)
+                finished = TunedLens.load(output_dir, view)
+                return TrainResult(
+                    finished, [StepRecord(**r) for r in checkpoints.read_log(output_dir)],
+                    init_tokens=init_sequences * seq_len, init_shrinkage=finished.metadata.get("init_shrinkage"),
+                    already_trained=True,
                 )  # fmt: skip
-        if output_dir is not None and checkpoint_due:
-            checkpoint_step = record.step  # on every process, so that any of them can name it in an error
-        bar.set_postfix(loss=f"{record.loss:.4g}", tok_s=f"{record.tokens_per_second:,.0f}", refresh=False)
-        bar.update()
-        if on_step is not None:
-            on_step(record)
-    bar.close()
+            if start.checkpoint is not None:
+                lens.load_state_dict(start.checkpoint.lens)
+                optimizer.load_state_dict(start.checkpoint.optimizer)
+                checkpoints.restore_rng(start.checkpoint.rng)
+                history = [StepRecord(**record) for record in start.checkpoint.history]
+                elapsed, first_step = start.checkpoint.elapsed, start.checkpoint.step
+                checkpoint_step, shrinkage = first_step, start.checkpoint.init_shrinkage
+            if writes:
+                checkpoints.write_log(output_dir, [asdict(record) for record in history])
+        objective = _objective(view, recipe, config)
+        micro_batch = config.batch_size or choose_micro_batch(view, seq_len, objective.chunked)
+        _log_plan(config, per_step, seq_len, num_sequences, micro_batch, processes)
 
-    lens.metadata = {
-        **(metadata or {}),
-        "training": fingerprint,
-        "steps_done": steps,
-        "tokens_seen": steps * step_tokens,
-        "init_tokens": init_sequences * seq_len,
-        "init_shrinkage": shrinkage,
-        "final_loss": history[-1].loss if history else None,
-        "processes": processes.world_size,
-    }
-    if output_dir is not None and processes.is_main:
-        lens.save(output_dir, **lens.metadata)
-        checkpoints.remove_checkpoint(output_dir)
-        log.debug("Saved the tuned lens to %s", output_dir)
-    processes.barrier()
+        if first_step == 0 and init_sequences:
+            started = time.perf_counter()
+            shrinkage = _closed_form_start(
+                view, lens, tokens, init_sequences, micro_batch, recipe, optimizer, processes
+            )  # fmt: skip
+            elapsed += time.perf_counter() - started
+        # Taken over only now: a Ctrl-C during the closed-form start, which no checkpoint could keep, stops at once.
+        stop = held.enter_context(_stop_between_steps())
+        steps = config.effective_steps
+        step_tokens = per_step * seq_len  # over all processes
+        # Closed however the loop ends, so that an error message starts on a line of its own.
+        bar = held.enter_context(tqdm(
+            total=steps, initial=first_step, desc="Training lens", unit="step",
+            disable=not (progress and processes.is_main), dynamic_ncols=True,
+        ))  # fmt: skip
+        due: tuple[int, dict[str, Any]] | None = None  # (step, RNG state) of a checkpoint not yet written
+        suspect: list[float] = []  # the losses of the latest steps in a row above DIVERGENCE_FACTOR times the first's
+        for step in range(first_step, steps):
+            if stop.signum is not None:
+                if output_dir is not None and step > (checkpoint_step or 0) and not suspect:
+                    _save_checkpoint(output_dir, writes, step, fingerprint, lens, optimizer, history, shrinkage)
+                    checkpoint_step = step
+                message = _interrupted_message(stop.signum, step, output_dir, checkpoint_step)
+                raise TrainingInterrupted(message, stop.signum)
+            started = time.perf_counter()
+            indices = step_indices(step, per_step, num_sequences, config.seed)[processes.rank :: processes.world_size]
+            layer_losses = _accumulate_gradients(view, lens, tokens[indices], micro_batch, objective)
+            grads = [param.grad for param in params if param.grad is not None]
+            processes.average([layer_losses, *grads])
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            loss = layer_losses.sum().item()
+            if not (torch.isfinite(layer_losses).all() and torch.isfinite(grad_norm)):
+                what = _not_finite(layer_losses, grad_norm)
+                raise LensLabError(_divergence_message(step, what, output_dir, checkpoint_step, config, view.dtype))
+            suspect = suspect + [loss] if history and loss > DIVERGENCE_FACTOR * history[0].loss else []
+            if len(suspect) >= DIVERGENCE_STEPS and suspect[-1] > suspect[-DIVERGENCE_STEPS] / 2:
+                what = (
+                    f"its loss, {loss:.4g}, and that of the {len(suspect) - 1} steps before it were above "
+                    f"{DIVERGENCE_FACTOR:g} times step 1's, {history[0].loss:.4g}, without halving"
+                )
+                raise LensLabError(_divergence_message(step, what, output_dir, checkpoint_step, config, view.dtype))
+            # The lens and optimiser are still as the due checkpoint's step left them, and this loss shows them sound.
+            if due is not None and not suspect:
+                _save_checkpoint(output_dir, writes, due[0], fingerprint, lens, optimizer, history, shrinkage, due[1])
+                checkpoint_step = due[0]  # on every process, so that any of them can name it in an error
+            due = None
+            lr = recipe.update(optimizer, params, step, grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+
+            seconds = time.perf_counter() - started
+            elapsed += seconds
+            record = StepRecord(
+                step=step + 1, loss=loss, layer_losses=layer_losses.tolist(), lr=lr, grad_norm=grad_norm.item(),
+                tokens=(step + 1) * step_tokens, tokens_per_second=step_tokens / seconds, elapsed=elapsed,
+            )  # fmt: skip
+            history.append(record)
+            if writes:
+                checkpoints.append_log(output_dir, asdict(record))
+            # No checkpoint after the last step: the finished lens is saved instead.
+            every = config.checkpoint_every
+            if output_dir is not None and every and record.step % every == 0 and record.step < steps:
+                due = (record.step, checkpoints.capture_rng())
+            bar.set_postfix(loss=f"{record.loss:.4g}", tok_s=f"{record.tokens_per_second:,.0f}", refresh=False)
+            bar.update()
+            if on_step is not None:
+                on_step(record)
+
+        lens.metadata = {
+            **(metadata or {}),
+            "training": fingerprint,
+            "steps_done": steps,
+            "tokens_seen": steps * step_tokens,
+            "init_tokens": init_sequences * seq_len,
+            "init_shrinkage": shrinkage,
+            "final_loss": history[-1].loss if history else None,
+            "processes": processes.world_size,
+        }
+        if writes:
+            lens.save(output_dir, **lens.metadata)
+            checkpoints.remove_checkpoint(output_dir)
+            log.debug("Saved the tuned lens to %s", output_dir)
+        processes.barrier()
     return TrainResult(lens=lens, history=history, init_tokens=init_sequences * seq_len, init_shrinkage=shrinkage)
+
+
+def _save_checkpoint(
+    output_dir: Path,
+    writes: bool,
+    step: int,
+    fingerprint: dict[str, Any],
+    lens: TunedLens,
+    optimizer: torch.optim.Optimizer,
+    history: list[StepRecord],
+    shrinkage: list[float] | None,
+    rng: dict[str, Any] | None = None,
+) -> None:
+    """Checkpoint the lens and optimiser as they are, which must be as `step` steps left them (when `writes`: on
+    the main process), with `rng` as it was then (default: as it is)."""
+    if not writes:
+        return
+    checkpoints.save_checkpoint(
+        output_dir,
+        checkpoints.Checkpoint(
+            step=step, fingerprint=fingerprint, lens=lens.state_dict(), optimizer=optimizer.state_dict(),
+            history=[asdict(record) for record in history[:step]], elapsed=history[step - 1].elapsed,
+            rng=checkpoints.capture_rng() if rng is None else rng, init_shrinkage=shrinkage,
+        ),
+    )  # fmt: skip
+
+
+@dataclass
+class _StopRequest:
+    signum: int | None = None
+    """The signal that asked training to stop, None while none has."""
+
+
+@contextlib.contextmanager
+def _stop_between_steps() -> Iterator[_StopRequest]:
+    """Turn SIGINT and SIGTERM into a request to stop once the step in progress completes; a second one stops at
+    once (KeyboardInterrupt). Signals are left alone off the main thread, where Python cannot handle them."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.signum is not None:
+            raise KeyboardInterrupt
+        request.signum = signum
+        log.warning("%s received: stopping after the step in progress", signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _closed_form_start(
@@ -357,28 +460,43 @@ def _log_plan(
     )  # fmt: skip
 
 
-def _divergence_message(
-    step: int,
-    layer_losses: torch.Tensor,
-    grad_norm: torch.Tensor,
-    output_dir: Path | None,
-    checkpoint_step: int | None,
-    config: TrainConfig,
-) -> str:
-    """One sentence on where training diverged, what was kept and what to try."""
+def _not_finite(layer_losses: torch.Tensor, grad_norm: torch.Tensor) -> str:
+    """What was not finite in a step: a lens position's loss ([L] `layer_losses`), else the gradient norm."""
     bad = (~torch.isfinite(layer_losses)).nonzero().flatten().tolist()
     if bad:
-        what = f"the loss at lens position {bad[0]} was {layer_losses[bad[0]].item()}"
-    else:
-        what = f"the gradient norm was {grad_norm.item()}"
+        return f"the loss at lens position {bad[0]} was {layer_losses[bad[0]].item()}, which is not finite"
+    return f"the gradient norm was {grad_norm.item()}, which is not finite"
+
+
+def _divergence_message(
+    step: int, what: str, output_dir: Path | None, checkpoint_step: int | None, config: TrainConfig, dtype: torch.dtype
+) -> str:
+    """One sentence on where training diverged (`what` happened at 0-based `step`), what was kept and what to try."""
     if output_dir is None:
-        kept = "the lens is left as it was after the last good step"
+        kept = "the lens is left as it was after the last step"
     elif checkpoint_step is not None:
         kept = f"the last good checkpoint (step {checkpoint_step}) is kept in {output_dir / checkpoints.CHECKPOINT_DIR}"
     else:
-        kept = "no checkpoint had been written yet"
+        kept = "no checkpoint from before it had been written"
+    # Half precision can overflow where float32 would not; a float32 run has no such way out.
+    precision = " or --dtype float32" if dtype in (torch.float16, torch.bfloat16) else ""
     return (
-        f"Training diverged at step {step + 1} ({what}, which is not finite) and stopped before updating the lens; "
-        f"{kept}; pass a lower --lr (currently {config.effective_lr:g}) or --dtype float32, with --overwrite, to "
-        "train again."
+        f"Training diverged at step {step + 1} ({what}) and stopped before updating the lens; {kept}; pass a "
+        f"lower {flag('lr')} than this run's {config.effective_lr:g}{precision}, with --overwrite, to train again."
+    )
+
+
+def _interrupted_message(signum: int, step: int, output_dir: Path | None, checkpoint_step: int | None) -> str:
+    """One sentence on a run stopped by `signum` after `step` steps, and where it can resume."""
+    name = signal.Signals(signum).name
+    if output_dir is None:
+        return f"{name} received: training stopped after step {step}, the lens left as it was then."
+    if checkpoint_step is None:
+        return (
+            f"{name} received after step {step}, with no checkpoint to keep, so running the same command again "
+            "starts over."
+        )
+    return (
+        f"{name} received: training stopped after step {step}; run the same command again to resume from the "
+        f"checkpoint at step {checkpoint_step} in {output_dir / checkpoints.CHECKPOINT_DIR}."
     )
