@@ -106,20 +106,7 @@ def heldout_tokens(tiny_lm) -> torch.Tensor:
     return torch.tensor(tiny_lm.tokenizer(text, verbose=False).input_ids[: 16 * 32]).view(16, 32)
 
 
-@pytest.mark.parametrize(
-    "recipe",
-    [
-        "paper",
-        pytest.param(
-            "fast",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="lenslab.train.chunked_kl.chunked_kl reads view.unembed.weight, an empty meta tensor when the "
-                "head is offloaded; it should take view.unembedding_weight() and view.unembedding_bias()",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("recipe", ["paper", "fast"])
 def test_training_and_evaluation_on_a_dispatched_model_match_one_device(recipe, tiny_lm, heldout_tokens, tmp_path):
     plain = ModelView.from_model(tiny_lm.model)
     dispatched = dispatched_copy(plain, tmp_path / "model")

@@ -551,7 +551,8 @@ def test_a_climbing_loss_stops_the_run_and_keeps_a_checkpoint_from_before(view, 
     with pytest.raises(LensLabError) as error:
         train_lens(view, tokens, short_run(steps=12, checkpoint_every=1), output_dir=tmp_path, progress=False)
     message = str(error.value)
-    assert re.search(r"diverged at step 7 \(its loss, .*, and that of the 3 steps before it were above 2 times", message)
+    assert message.startswith("Training diverged at step 7 (its loss, ")
+    assert "and that of the 3 steps before it were above 2 times step 1's" in message
     # Step 3's checkpoint would have held the lens that step 4 found climbing, so step 2's is the last good one.
     assert "the last good checkpoint (step 2) is kept" in message and load_checkpoint(tmp_path).step == 2
     assert "pass a lower --lr than this run's 1," in message and "--dtype" not in message  # float32 already

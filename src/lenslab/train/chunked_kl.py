@@ -81,10 +81,13 @@ def chunked_kl(view: ModelView, z_lens: Tensor, z_final: Tensor, *, low_precisio
     translated residuals); z_final: [tokens, d_unembed] the same for the last residual, whose decoding is p_final
     (treated as a constant).
     """
-    unembed = view.unembed
+    # The adapter reads the weights even where a device map offloads the head (its module then holds a meta tensor),
+    # and the inputs may come from a final norm on another device.
+    weight, bias = view.unembedding_weight(), view.unembedding_bias()
     return _ChunkedKL.apply(
-        z_lens, z_final.detach(), unembed.weight, unembed.bias, view.logit_scale, view.logit_softcap, low_precision
-    )
+        z_lens.to(weight.device), z_final.detach().to(weight.device), weight, bias, view.logit_scale,
+        view.logit_softcap, low_precision,
+    )  # fmt: skip
 
 
 def chunk_tokens(positions: int, vocab: int, device: torch.device) -> int:
