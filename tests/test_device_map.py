@@ -26,6 +26,7 @@ from lenslab.evaluate import evaluate_lenses
 from lenslab.lenses import LogitLens, TunedLens
 from lenslab.loading import load_model
 from lenslab.train import TrainConfig, train_lens
+from support.random_lens import random_tuned_lens
 
 ATOL = 1e-5
 
@@ -50,16 +51,6 @@ def dispatched_copy(view: ModelView, directory: Path) -> ModelView:
     model = AutoModelForCausalLM.from_pretrained(directory, device_map=cpu_and_disk_map(view)).eval()
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
     return ModelView.from_model(model)
-
-
-def random_tuned_lens(view: ModelView, seed: int = 0) -> TunedLens:
-    """A tuned lens whose translators are random, so that it differs from the logit lens."""
-    lens = TunedLens.from_model(view)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for translator in lens.translators:
-            translator.weight.copy_(0.1 * torch.randn(translator.weight.shape, generator=generator))
-    return lens
 
 
 # llama: untied head; gptj: an lm_head bias; opt-350m: project_out and no final norm; gemma2: a logit softcap.

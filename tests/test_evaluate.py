@@ -20,6 +20,7 @@ from lenslab.evaluate import EvalResult, evaluate_lenses, layer_names, transfer_
 from lenslab.lenses import LogitLens, TunedLens
 from lenslab.plots import plot_curves, plot_transfer
 from lenslab.train import TrainConfig, train_lens
+from support.random_lens import random_tuned_lens
 
 METRICS = ("ce", "perplexity", "kl", "entropy", "top1_agreement", "bias_kl")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -32,17 +33,6 @@ def sharp_view(family: str, seed: int = 0) -> ModelView:
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(6.0)
     return ModelView.from_model(model)
-
-
-def random_tuned_lens(view: ModelView, seed: int = 0) -> TunedLens:
-    """A tuned lens with random translators, unlike the logit lens at every position but the last."""
-    lens = TunedLens.from_model(view)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for translator in lens.translators:
-            translator.weight.copy_(0.2 * torch.randn(translator.weight.shape, generator=generator))
-            translator.bias.copy_(0.5 * torch.randn(translator.bias.shape, generator=generator))
-    return lens
 
 
 def random_tokens(n: int, seq: int, seed: int = 0) -> torch.Tensor:

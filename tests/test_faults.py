@@ -489,7 +489,7 @@ def test_a_signal_checkpoints_the_step_reached_and_the_rerun_resumes(view, token
 
 def test_sigterm_to_lenslab_train_exits_143_with_the_step_to_resume_from(tiny_lm, tmp_path):
     output = tmp_path / "run"
-    argv = train_argv(tiny_lm, output, "--steps", "2000", "--train-tokens", "4096", "--checkpoint-every", "1000")
+    argv = train_argv(tiny_lm, output, "--steps", "100000", "--train-tokens", "4096", "--checkpoint-every", "1000")
     process = subprocess.Popen([sys.executable, "-m", "lenslab", *argv], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not ((output / LOG_FILE).is_file() and (output / LOG_FILE).read_text().count("\n") >= 2):
@@ -534,6 +534,13 @@ def test_cli_says_a_finished_run_is_trained(tiny_lm, tmp_path, capsys):
         f"{output} already holds the finished lens of this configuration (2 steps); pass --overwrite --no-resume to "
         "train again."
     )
+
+
+def test_a_run_from_before_run_files_is_still_lenslab_s(view, tokens, tmp_path):
+    train_lens(view, tokens, short_run(steps=1), output_dir=tmp_path, progress=False)
+    (tmp_path / RUN_FILE).unlink()  # as lenslab train wrote its folders before it marked them
+    assert train_lens(view, tokens, short_run(steps=1), output_dir=tmp_path, progress=False).already_trained
+    assert (tmp_path / RUN_FILE).is_file()
 
 
 # --- 6: a loss that climbs and stays up is divergence, and no checkpoint of it is kept -----------------------------
