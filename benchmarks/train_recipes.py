@@ -43,6 +43,7 @@ from lenslab.loading import load_model
 from lenslab.train import TrainConfig, train_lens
 from lenslab.train.batches import choose_micro_batch, step_indices
 from lenslab.train.closed_form import fit_closed_form
+from lenslab.train.config import RECIPE_DEFAULTS
 from lenslab.train.distributed import Processes
 from lenslab.train.recipes import RECIPES, FastRecipe, linear_schedule
 
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     RECIPES[MuonRecipe.name] = MuonRecipe
+    RECIPE_DEFAULTS[MuonRecipe.name] = RECIPE_DEFAULTS["fast"]
     names = [name for item in args.runs.split(",") for name in GROUPS.get(item, [item])]
     settings = configs(args)
     model, tokenizer = load_model(args.model, dtype="float32", device="cpu")

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from lenslab.adapter import FUSABLE_ACTIVATIONS, ModelView
+from lenslab.architectures import LogitScale, LogitSoftcap
 from lenslab.errors import LensLabError
 from tiny_models import FAMILIES, VOCAB, tiny_model
 
@@ -59,25 +60,29 @@ def test_finds_parts_and_decode_reproduces_logits(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_discovery_without_validation_agrees(family):
     view, unchecked = _view(family), ModelView.from_model(tiny_model(family), validate=False)
-    paths = ("layers_path", "final_norm_path", "unembed_path", "project_out_path", "logit_softcap", "logit_scale")
+    paths = ("layers_path", "final_norm_path", "unembed_path", "project_out_path", "logit_transforms")
     assert [getattr(unchecked, p) for p in paths] == [getattr(view, p) for p in paths]
 
 
 @pytest.mark.parametrize(
-    ("family", "attribute", "expected"),
-    [("gemma2", "logit_softcap", 0.5), ("gemma3", "logit_softcap", 0.5), ("cohere", "logit_scale", 0.25),
-     ("granite", "logit_scale", 0.25), ("hyperclovax", "logit_scale", 4.0), ("falcon_h1", "logit_scale", 0.25)],
-)
-def test_output_transforms_are_read_and_matter(family, attribute, expected):
+    ("family", "expected", "multiplier"),
+    [("gemma2", LogitSoftcap(0.5), None), ("gemma3", LogitSoftcap(0.5), None), ("cohere", LogitScale(0.25), 0.25),
+     ("granite", LogitScale(0.25), 0.25), ("hyperclovax", LogitScale(4.0), 4.0), ("falcon_h1", LogitScale(0.25), 0.25),
+     ("llama", None, 1.0)],
+)  # fmt: skip
+def test_output_transforms_are_read_and_matter(family, expected, multiplier):
     view = _view(family)
-    assert getattr(view, attribute) == pytest.approx(expected)
+    assert view.logit_transforms == (() if expected is None else (expected,))
+    assert view.logit_multiplier == multiplier
+    if expected is None:
+        return
     with torch.no_grad():
         residuals = view.capture(_ids())
-        setattr(view, attribute, None)
+        transforms, view.logit_transforms = view.logit_transforms, ()
         try:
             without = view.decode(residuals.hidden[-1])
         finally:
-            setattr(view, attribute, expected)
+            view.logit_transforms = transforms
     # Without the transform the logits differ, so the reproduction test above can fail.
     assert (without - residuals.logits).abs().max().item() > 1e-2
 

@@ -56,6 +56,21 @@ def test_save_load_round_trip_is_exact(tmp_path, view, bias):
     assert config["format_version"] == 1 and config["unembed_fingerprint"]["shape"] == [view.vocab_size, view.d_model]
 
 
+def test_a_loaded_lens_saved_elsewhere_keeps_its_metadata(tmp_path, view):
+    """Copying a lens with load + save keeps its training record (the run's fingerprint, the held-out span, ...),
+    which `lenslab eval` needs to refuse text the lens was trained on; metadata given to save adds to it."""
+    lens = trained_like_lens(view)
+    lens.metadata = {"training": {"config": {"steps": 3}}, "data": {"heldout_tokens": 128, "seq_len": 16}}
+    lens.save(tmp_path / "trained")
+    loaded = TunedLens.load(tmp_path / "trained", view)
+    loaded.save(tmp_path / "copy", note="copied")
+    copied = TunedLens.load(tmp_path / "copy", view)
+    assert copied.metadata == lens.metadata | {"note": "copied"}
+    assert loaded.metadata == lens.metadata  # what save was given is not kept by the lens itself
+    first, second = (json.loads((tmp_path / name / CONFIG_FILE).read_text()) for name in ("trained", "copy"))
+    assert second["unembed_fingerprint"] == first["unembed_fingerprint"]
+
+
 def write_tuned_lens_layout(directory: Path, lens, view):
     """A lens as the `tuned-lens` package saves it: config.json + a torch.save'd params.pt."""
     directory.mkdir()

@@ -19,7 +19,7 @@ from matplotlib import image
 
 from lenslab.cli import main
 from lenslab.lenses import LogitLens, TunedLens
-from lenslab.plots.html import CELL_HEIGHT, CELL_WIDTH
+from lenslab.plots.html import page_height
 from lenslab.tokens import visible
 from lenslab.trajectory import Trajectory, TrajectoryConfig
 
@@ -87,8 +87,8 @@ def test_heatmap_draws_in_headless_chromium(tiny_lm, tmp_path):
         assert sorted(drawn) == sorted(expected)
     assert "✓" in dom, "no correct next-token mark above the columns"
 
-    n_positions, n_tokens = logit.entropy.shape
-    width, height = 2 * n_tokens * CELL_WIDTH + 300, max(420, n_positions * CELL_HEIGHT + 260)
+    # The figure follows the window's width; its height is set by the number of panels.
+    width, height = 1200, page_height([logit, logit])
     # Kept after the run (git-ignored) so a person can look at what the browser drew.
     ARTIFACTS.mkdir(exist_ok=True)
     screenshot = ARTIFACTS / "browser-show.png"

@@ -58,7 +58,7 @@ def test_a_missing_data_file_is_refused_before_any_model_loads(name, capsys, tmp
 
 
 def test_data_flag_accepts_hub_names_self_and_existing_files(tmp_path):
-    from lenslab.cli.common import data_source
+    from lenslab.specs import data_source
 
     existing = tmp_path / "text.txt"
     existing.write_text("a document\n")

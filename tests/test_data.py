@@ -16,12 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
-from lenslab.cli.common import (
-    DTYPE_CHOICES,
-    add_data_args,
-    add_model_args,
-    data_spec_from_args,
-)
+from lenslab.cli.flags import MODEL, TEXT
 from lenslab.data import (
     DEFAULT_CONFIG,
     DEFAULT_DATASET,
@@ -35,6 +30,7 @@ from lenslab.data import (
 )
 from lenslab.errors import LensLabError
 from lenslab.loading import DTYPES
+from lenslab.specs import DTYPE_CHOICES
 
 EOS = "<|endoftext|>"
 # Distinct documents with numbered markers at both ends (to find which document a chunk came from) and some
@@ -383,17 +379,17 @@ def test_shard_gives_each_rank_an_equal_disjoint_share():
 
 def test_cli_flags_build_the_data_spec():
     parser = argparse.ArgumentParser()
-    add_model_args(parser)
-    add_data_args(parser)
+    MODEL.add_to(parser)
+    TEXT.add_to(parser)
     args = parser.parse_args(["--model", "m"])
-    assert data_spec_from_args(args) == DataSpec()
+    assert TEXT.build(args).source() == DataSpec()
     assert (args.dtype, args.device, args.revision, args.trust_remote_code) == ("auto", "auto", None, False)
     assert (args.seq_len, args.seed) == (None, 0)
     args = parser.parse_args(
         ["--model", "m", "--data", "org/set", "--data-config", "c", "--split", "test", "--text-column", "body",
          "--seq-len", "128", "--seed", "7", "--dtype", "bfloat16"]
     )  # fmt: skip
-    assert data_spec_from_args(args) == DataSpec("org/set", config="c", split="test", text_column="body")
+    assert TEXT.build(args).source() == DataSpec("org/set", config="c", split="test", text_column="body")
     assert (args.seq_len, args.seed, args.dtype) == (128, 7, "bfloat16")
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--seq-len", "0"])

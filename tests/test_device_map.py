@@ -20,11 +20,12 @@ from transformers import AutoModelForCausalLM
 
 from lenslab.adapter import ModelView
 from lenslab.cli import main
-from lenslab.cli.common import add_model_args, load_model_from_args, max_memory
+from lenslab.cli.flags import MODEL
 from lenslab.errors import LensLabError
 from lenslab.evaluate import evaluate_lenses
 from lenslab.lenses import LogitLens, TunedLens
 from lenslab.loading import load_model
+from lenslab.specs import max_memory
 from lenslab.train import TrainConfig, train_lens
 from support.random_lens import random_tuned_lens
 
@@ -134,10 +135,10 @@ def test_cli_eval_with_a_device_map_matches_one_device(tiny_lm, tmp_path):
 
 def test_model_flags_pass_the_device_map_to_load_model(tiny_lm):
     parser = argparse.ArgumentParser()
-    add_model_args(parser)
+    MODEL.add_to(parser)
     args = parser.parse_args(["--model", str(tiny_lm.directory), "--device-map", "auto", "--max-memory", "cpu=800KB"])
     assert args.max_memory == {"cpu": "800KB"}
-    model = load_model_from_args(args).model
+    model = MODEL.build(args).load().model
     assert "disk" in model.hf_device_map.values()  # 800 KB of CPU memory do not hold all of it
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
@@ -146,7 +147,7 @@ def test_max_memory_flag_parses_device_sizes_and_refuses_others():
     parsed = max_memory("0=20GiB, 1=1.5GB,cpu=100MiB,disk=1000")
     assert parsed == {0: "20GiB", 1: "1.5GB", "cpu": "100MiB", "disk": 1000}
     for bad in ("0:20GiB", "gpu=1GiB", "cpu=20 GiB", "cpu=1TB"):
-        with pytest.raises(argparse.ArgumentTypeError, match="DEVICE=SIZE"):
+        with pytest.raises(ValueError, match="DEVICE=SIZE"):
             max_memory(bad)
 
 

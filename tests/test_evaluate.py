@@ -16,8 +16,8 @@ from lenslab.cli import main
 from lenslab.cli.outputs import mark
 from lenslab.data import DataSpec, TokenData, prepare_tokens
 from lenslab.errors import LensLabError
-from lenslab.evaluate import EvalResult, evaluate_lenses, layer_names, transfer_matrix
-from lenslab.lenses import LogitLens, TunedLens
+from lenslab.evaluate import EvalResult, evaluate_lenses, transfer_matrix
+from lenslab.lenses import LogitLens, TunedLens, layer_names
 from lenslab.plots import plot_curves, plot_transfer
 from lenslab.train import TrainConfig, train_lens
 from support.random_lens import random_tuned_lens

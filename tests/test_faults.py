@@ -20,15 +20,17 @@ from tiny_models import tiny_model
 
 from lenslab import TunedLens
 from lenslab.adapter import ModelView
-from lenslab.artifacts import CONFIG_FILE, PARAMS_BACKUP, PARAMS_FILE, read_lens, tuned_lens_unembed_hash
+from lenslab.artifacts import CONFIG_FILE, PARAMS_BACKUP, PARAMS_FILE, read_lens
 from lenslab.cli import main
 from lenslab.cli.outputs import check_output, mark
+from lenslab.compatibility import tuned_lens_unembed_hash
 from lenslab.data import DataSpec, iter_texts
 from lenslab.errors import LensLabError, LensModelMismatch
 from lenslab.model_source import check_model_source
 from lenslab.train import TrainConfig, train_lens
 from lenslab.train import loop as train_loop
 from lenslab.train.checkpoints import CHECKPOINT_DIR, LOG_FILE, RUN_FILE, load_checkpoint
+from lenslab.train.stopping import divergence_message
 
 matplotlib.use("Agg")
 SEQ_LEN = 64
@@ -270,7 +272,7 @@ def test_eval_refuses_more_tokens_than_the_lens_held_out(tiny_lm, tmp_path, caps
     assert "pass --tokens 256 or fewer" in error and not (tmp_path / "eval.json").exists()
     # Within the held-out span, or on another source (with a warning), it scores.
     assert run_eval(tiny_lm, tmp_path, lens, tiny_lm.heldout_text_path, 4 * SEQ_LEN) == 0
-    with caplog.at_level(logging.WARNING, logger="lenslab.cli.eval"):
+    with caplog.at_level(logging.WARNING, logger="lenslab.scoring"):
         assert run_eval(tiny_lm, tmp_path, lens, tiny_lm.train_text_path, 8 * SEQ_LEN) == 0
     assert "is another source, so make sure it does not hold that training text" in caplog.text
 
@@ -348,7 +350,7 @@ def test_ctrl_c_in_eval_is_one_line_and_exit_130(tiny_lm, tmp_path, capsys, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lenslab.evaluate.evaluate_lenses", interrupted)
+    monkeypatch.setattr("lenslab.scoring.evaluate_lenses", interrupted)
     code = main([
         "eval", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.heldout_text_path), "--device", "cpu",
         "--seq-len", str(SEQ_LEN), "--tokens", str(SEQ_LEN), "-o", str(tmp_path / "eval.json"),
@@ -530,10 +532,10 @@ def test_cli_says_a_finished_run_is_trained(tiny_lm, tmp_path, capsys):
     assert main(train_argv(tiny_lm, output)) == 0
     capsys.readouterr()
     assert main(train_argv(tiny_lm, output)) == 0
-    assert capsys.readouterr().out.strip() == (
-        f"{output} already holds the finished lens of this configuration (2 steps); pass --overwrite --no-resume to "
-        "train again."
-    )
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"{output} already holds the finished lens of this configuration (2 steps)",
+        "it was left as it is; pass --overwrite --no-resume to train again",
+    ]
 
 
 def test_a_run_from_before_run_files_is_still_lenslab_s(view, tokens, tmp_path):
@@ -574,5 +576,5 @@ def test_lenslab_train_at_a_huge_learning_rate_exits_2(tiny_lm, tmp_path, capsys
 
 
 def test_half_precision_runs_are_told_of_float32():
-    message = train_loop._divergence_message(3, "a loss of 9", None, None, TrainConfig(lr=2.0), torch.bfloat16)
+    message = divergence_message(3, "a loss of 9", None, None, TrainConfig(lr=2.0), torch.bfloat16)
     assert "pass a lower --lr than this run's 2 or --dtype float32, with --overwrite" in message

@@ -3,7 +3,8 @@
 - closed-form start: the ridge solution from summed normal equations equals `torch.linalg.lstsq` on the same
   residuals, and the whitening matrices equal a direct inverse;
 - chunked KL: value and gradient equal the plain per-position KL (float32 exactly, bfloat16 within its rounding),
-  for heads with a bias, a logit scale, a softcap and `project_out`, over several (ragged) chunks;
+  for heads with a bias, a logit scale, a softcap and `project_out`, over several (ragged) chunks, and follow a logit
+  transform the adapter gains as evaluation does;
 - whitened SGD: one step equals SGD on the hand-whitened gradient, and its state survives a checkpoint;
 - recipes: settings left at None resolve to each recipe's defaults, and the fast recipe reaches a lower held-out
   KL than the paper's at every position for the same number of tokens;
@@ -27,17 +28,19 @@ import torch.nn.functional as F
 from tiny_models import VOCAB, tiny_model
 
 from lenslab.adapter import ModelView
+from lenslab.architectures import LogitScale
 from lenslab.errors import LensLabError
+from lenslab.evaluate import evaluate_lenses
 from lenslab.lenses import TunedLens
 from lenslab.train import TrainConfig, init_distributed, shutdown_distributed, train_lens
 from lenslab.train import chunked_kl as chunked_kl_module
 from lenslab.train import native_kl as native_kl_module
-from lenslab.train.chunked_kl import chunked_kl, head_input
+from lenslab.train.chunked_kl import chunked_kl
 from lenslab.train.closed_form import NormalEquations, input_inverses, solve_ridge
 from lenslab.train.config import RECIPE_DEFAULTS
 from lenslab.train.native_kl import native_kl
 from lenslab.train.objective import backward_by_layer, backward_chunked, final_target, layer_kl_sum
-from lenslab.train.recipes import FastRecipe, PaperRecipe
+from lenslab.train.recipes import RECIPES, FastRecipe, PaperRecipe
 from lenslab.train.whitened_sgd import WhitenedSGD
 
 
@@ -207,9 +210,9 @@ def test_chunked_kl_equals_the_plain_kl(family, low_precision, kl_kernel, monkey
     expected = {name: param.grad.clone() for name, param in lens.named_parameters()}
     lens.zero_grad()
 
-    z_final = head_input(view, residuals.hidden[n_layers]).flatten(0, 1)
+    z_final = view.head_input(residuals.hidden[n_layers]).flatten(0, 1)
     z_lens = torch.stack(
-        [head_input(view, lens.transform(residuals.hidden[layer], layer)) for layer in range(n_layers)]
+        [view.head_input(lens.transform(residuals.hidden[layer], layer)) for layer in range(n_layers)]
     ).flatten(1, 2)
     sums = chunked_kl(view, z_lens, z_final, low_precision=low_precision)
     (sums * weights).sum().backward()
@@ -226,7 +229,7 @@ def test_chunked_kl_is_exact_where_the_lens_rules_out_the_targets_top_token(low_
     """A lens that gives the target's top token a probability below float32's range: the KL stays finite and exact."""
     view, residuals = captured("gpt2")
     with torch.no_grad():
-        z_final = head_input(view, residuals.hidden[view.num_layers]).flatten(0, 1)
+        z_final = view.head_input(residuals.hidden[view.num_layers]).flatten(0, 1)
         top = view.unembed(z_final).argmax(-1)  # [tokens]
         # Position 0: the target minus a long step along the top token's unembedding row, which drives that
         # token's lens logit far below the others; position 1: the target itself (KL 0).
@@ -244,6 +247,69 @@ def test_chunked_kl_is_exact_where_the_lens_rules_out_the_targets_top_token(low_
     torch.testing.assert_close(sums, reference, rtol=3e-3 if low_precision else 1e-5, atol=1e-4)
     sums.sum().backward()
     assert torch.isfinite(z_lens.grad).all()
+
+
+def _vocabulary_tilt(logits: torch.Tensor) -> torch.Tensor:
+    """A logit transform no model has: non-linear, and different for every token of the vocabulary."""
+    tilt = torch.linspace(-1.0, 1.0, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    return logits + tilt * torch.tanh(logits)
+
+
+@pytest.mark.parametrize(
+    ("family", "added"),
+    [("cohere", LogitScale(3.0)), ("gpt2", _vocabulary_tilt), ("gemma2", _vocabulary_tilt)],
+    ids=["scale-after-scale", "tilt", "tilt-after-softcap"],
+)
+def test_a_logit_transform_added_to_the_adapter_changes_evaluation_and_training_alike(family, added, kl_kernel,
+                                                                                          monkeypatch):
+    """Training reads the head through the adapter, so a transform the adapter gains (here set on the view) changes
+    `ModelView.decode`, hence evaluation, and the chunked KL alike: it still equals the KL of whole decodes.
+
+    Another scale keeps the head a multiplication (the kernel's path); the tilt makes it one the chunked KL must
+    differentiate through by autograd."""
+    monkeypatch.setitem(chunked_kl_module.CHUNK_ELEMENTS, "cpu", 2 * 4 * VOCAB)  # several chunks, one ragged
+    view, _ = captured(family)
+    tokens = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = view.capture(tokens).hidden
+    lens, n_layers = perturbed_lens(view), view.num_layers
+    with torch.no_grad():
+        before = view.decode(hidden[n_layers])
+        evaluated_before = evaluate_lenses(view, {"tuned": lens}, tokens).lenses["tuned"].kl
+    view.logit_transforms = (*view.logit_transforms, added)
+    with torch.no_grad():
+        final_logits = view.decode(hidden[n_layers])
+        evaluated = evaluate_lenses(view, {"tuned": lens}, tokens).lenses["tuned"].kl
+    torch.testing.assert_close(final_logits, added(before), rtol=0, atol=0)
+
+    log_p = final_logits.log_softmax(-1)
+    kl = [  # [batch, seq] at each position
+        F.kl_div(lens(hidden[layer], layer).log_softmax(-1), log_p, log_target=True, reduction="none").sum(-1)
+        for layer in range(n_layers)
+    ]
+    # Evaluation scores every position but the last of each sequence.
+    expected_means = torch.stack([position_kl[:, :-1].mean() for position_kl in kl]).detach()
+    torch.testing.assert_close(torch.tensor(evaluated[:n_layers]), expected_means, rtol=1e-4, atol=1e-6)
+    assert max(abs(after - was) for after, was in zip(evaluated, evaluated_before)) > 1e-3
+
+    reference = torch.stack([position_kl.sum() for position_kl in kl])
+    weights = torch.linspace(0.5, 2.0, n_layers)
+    (reference * weights).sum().backward()
+    expected = {name: param.grad.clone() for name, param in lens.named_parameters()}
+    lens.zero_grad()
+    z_final = view.head_input(hidden[n_layers]).flatten(0, 1)
+    z_lens = torch.stack([view.head_input(lens.transform(hidden[layer], layer)) for layer in range(n_layers)])
+    sums = chunked_kl(view, z_lens.flatten(1, 2), z_final)
+    (sums * weights).sum().backward()
+    torch.testing.assert_close(sums, reference.detach(), rtol=1e-4, atol=1e-5)
+    for name, param in lens.named_parameters():
+        scale = expected[name].abs().max()
+        torch.testing.assert_close(param.grad / scale, expected[name] / scale, rtol=0, atol=1e-3, msg=name)
+
+
+def test_every_recipe_has_defaults_under_its_name():
+    assert set(RECIPES) == set(RECIPE_DEFAULTS)
+    assert all(name == recipe.name for name, recipe in RECIPES.items())
 
 
 def test_chunked_backward_equals_the_layer_by_layer_backward():

@@ -18,16 +18,17 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from lenslab import evaluate as evaluate_module
+from lenslab import lenses as lenses_module
 from lenslab.adapter import ModelView
 from lenslab.applications.depth import learned_checkpoint, prediction_depth
 from lenslab.applications.detect import choice_features
 from lenslab.applications.prompts import ChoicePrompt
-from lenslab.artifacts import fingerprint_indices, fingerprint_matches, unembed_fingerprint
 from lenslab.causal import Ablation, CausalBasis, FastConfig, model_influences, stimulus_response_alignment
 from lenslab.causal import influence as influence_module
 from lenslab.causal import reference as reference_module
 from lenslab.causal.fast import fast_directions
 from lenslab.causal.reference import initial_directions, reference_directions
+from lenslab.compatibility import fingerprint_indices, fingerprint_matches, unembed_fingerprint
 from lenslab.errors import LensModelMismatch
 from lenslab.evaluate import evaluate_lenses
 from lenslab.lenses import LogitLens, TunedLens
@@ -135,7 +136,7 @@ def small_chunks(monkeypatch):
     One thread, because the loops then run hundreds of small operations, and on a busy CPU each two-thread
     parallel region waits on the scheduler: the tests ran ten times slower with two.
     """
-    monkeypatch.setattr(evaluate_module, "LOGITS_PER_CHUNK", CHUNK_LOGITS)
+    monkeypatch.setattr(lenses_module, "LOGITS_PER_CHUNK", CHUNK_LOGITS)
     monkeypatch.setattr(evaluate_module, "_ELEMENTS_PER_STEP", CHUNK_LOGITS)
     monkeypatch.setattr(influence_module, "MAX_LOGITS_PER_CHUNK", CHUNK_LOGITS)
     monkeypatch.setattr(reference_module, "CACHED_LOGITS", CHUNK_LOGITS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 
 import pytest
 import torch
@@ -12,14 +13,16 @@ from support.tiny_lm import load_tiny_lm
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lenslab.cli import main, show
+from lenslab.cli import main
 from lenslab.errors import LensLabError
 from lenslab.lenses import LogitLens, TunedLens
 from lenslab.plots import html as html_plot
 from lenslab.plots import png as png_plot
 from lenslab.plots import terminal
+from lenslab.specs import Stat
 from lenslab.tokens import single_token_id, token_text, visible
-from lenslab.trajectory import STATISTICS, TrajectoryConfig, compute_trajectories, encode_prompt
+from lenslab.plots.scales import STATISTICS, statistic_label
+from lenslab.trajectory import STATISTIC_NAMES, TrajectoryConfig, compute_trajectories, encode_prompt
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROMPT = "The capital of Varnos is Kelti. Elnu counted one, two, three"
@@ -150,7 +153,7 @@ def test_bad_positions_syntax_is_an_argparse_error(capsys):
 
 
 def test_stat_choices_are_the_statistics():
-    assert show.STAT_CHOICES == tuple(STATISTICS)
+    assert typing.get_args(Stat) == tuple(STATISTICS)
 
 
 # --- pictures ------------------------------------------------------------------------------------
@@ -172,11 +175,12 @@ def test_html_heatmaps_share_one_scale_and_mark_correct_next_tokens(trajectories
     assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax >= largest
     for heatmap, trajectory in zip(heatmaps, trajectories):
         texts = trajectory.token_text
-        top1 = [[html_plot.label(texts[i]) for i in row] for row in trajectory.top_k_ids[..., 0].tolist()]
+        top1 = [[html_plot.label(html_plot.fit(texts[i], html_plot.CELL_CHARS)) for i in row]
+                for row in trajectory.top_k_ids[..., 0].tolist()]
         assert [list(row) for row in heatmap.text] == top1
         assert "3. " in heatmap.customdata[0][0] and "rank" in heatmap.customdata[0][0]
     # Special tokens and whitespace are escaped and visible, not read as markup.
-    assert "&lt;|endoftext|&gt;" in fig.layout.xaxis.ticktext and "↵" in fig.layout.xaxis.ticktext
+    assert "&lt;|endofte…" in fig.layout.xaxis.ticktext and "↵" in fig.layout.xaxis.ticktext
     marks = [a for a in fig.layout.annotations if a.xref == "x"]
     correct = trajectories[0].top_k_ids[-1, :-1, 0] == trajectories[0].next_ids[:-1]
     assert [a.text.startswith("<b>✓") for a in marks] == correct.tolist() and correct.any()
@@ -190,11 +194,11 @@ def test_rank_colour_is_logarithmic(trajectories):
     assert z[0][0] == pytest.approx(float(torch.log10(trajectories[0].next_token_rank[0, 0].double())))
 
 
-def test_png_is_written_unless_too_wide(trajectories, tmp_path):
+def test_png_is_written_unless_too_large(trajectories, long_trajectories, tmp_path):
     path = png_plot.write_png(trajectories, tmp_path / "grid.png", stat="prob")
     assert path.read_bytes().startswith(PNG_MAGIC)
-    with pytest.raises(LensLabError, match=r"pixels wide.*--positions START:END with at most [1-9][0-9]* tokens"):
-        png_plot.write_png(trajectories, tmp_path / "wide.png", dpi=6_000)
+    with pytest.raises(LensLabError, match=r"pixels tall.*--positions START:END with at most [1-9][0-9]* tokens"):
+        png_plot.write_png(long_trajectories, tmp_path / "wide.png", dpi=3_000)
     assert not (tmp_path / "wide.png").exists()
 
 
@@ -207,6 +211,61 @@ def test_terminal_tables_fit_the_width(trajectories):
         console.print(table)
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 60 and "✓" in text
+    # The last table's caption is the legend: the colour key's range, and what ✓ and the cells mean.
+    legend = " ".join(text.split("colour = entropy (nats): ")[-1].split())
+    assert legend.startswith("0 ") and "model's top-1 prediction is right" in legend and "most likely" in legend
+
+
+@pytest.fixture(scope="module")
+def long_trajectories(tiny_lm, lens_dir):
+    lenses = [LogitLens.from_model(tiny_lm.model), TunedLens.load(lens_dir, tiny_lm.model)]
+    ids = encode_prompt(tiny_lm.tokenizer, "Elnu counted one, two, three, four, five, six. " * 6)
+    return compute_trajectories(tiny_lm.model, lenses, ids, tokenizer=tiny_lm.tokenizer)
+
+
+def test_long_prompt_wraps_into_bands_a_page_wide(long_trajectories):
+    n_tokens = long_trajectories[0].entropy.shape[1]
+    per_band = png_plot.tokens_per_band()
+    bands = -(-n_tokens // per_band)
+    assert bands >= 3
+    fig = png_plot.figure(long_trajectories, "rank")
+    assert fig.get_figwidth() <= png_plot.PAGE_INCHES
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert len(heatmaps) == 2 * bands  # each band shows both lenses, one under the other
+    assert [ax.get_title(loc="left") for ax in heatmaps[:2]] == [f"logit lens, tokens 0-{per_band - 1}",
+                                                                 f"tuned lens, tokens 0-{per_band - 1}"]
+    # Every band as wide as a full one, so columns line up; the colour key names the statistic.
+    assert {ax.get_xlim() for ax in heatmaps} == {(-0.5, per_band - 0.5)}
+    assert any(ax.get_xlabel() == "rank of the next token" for ax in fig.axes if not ax.images)
+    assert heatmaps[-1].get_xlabel() == "input token"
+
+
+def test_html_fills_the_window_and_wraps(long_trajectories):
+    fig = html_plot.figure(long_trajectories, "entropy")
+    n_tokens = long_trajectories[0].entropy.shape[1]
+    bands = -(-n_tokens // html_plot.TOKENS_PER_BAND)
+    assert len(fig.data) == 2 * bands and fig.layout.width is None and fig.layout.autosize
+    assert fig.layout.height == html_plot.page_height(long_trajectories)
+    assert '"responsive": true' in html_plot.html_document(long_trajectories[:1], "entropy")
+
+
+def test_hover_says_each_figure_once(trajectories):
+    hover = html_plot.figure(trajectories, "entropy").data[0].customdata[0][0]
+    assert hover.count("entropy") == 1 and "<b>entropy" in hover  # the coloured figure, bold, not repeated
+    assert hover.count("KL") == 1 and hover.count("rank") == 1
+
+
+def test_target_statistic_names_its_tokens(tiny_lm):
+    model, tokenizer = tiny_lm.model, tiny_lm.tokenizer
+    ids = encode_prompt(tokenizer, PROMPT)
+    two, one = (single_token_id(tokenizer, t, "--target") for t in (" two", " one"))
+    lens = [LogitLens.from_model(model)]
+    alone = compute_trajectories(model, lens, ids, tokenizer=tokenizer, config=TrajectoryConfig(targets=(two,)))
+    both = compute_trajectories(model, lens, ids, tokenizer=tokenizer,
+                                config=TrajectoryConfig(targets=(two,), anti_targets=(one,)))  # fmt: skip
+    assert statistic_label(alone[0], "target") == "log p('␣two')"
+    assert statistic_label(both[0], "target") == "log p('␣two') − log p('␣one')"
+    assert png_plot.figure(both, "target")._suptitle.get_text().startswith(f"{tiny_lm.directory.name}: log p('␣two')")
 
 
 # --- token display -------------------------------------------------------------------------------

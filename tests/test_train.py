@@ -241,7 +241,7 @@ def test_training_lowers_heldout_kl_on_a_trained_model(tiny_lm):
     assert history[-1].loss < 0.6 * history[0].loss
     assert heldout_kl(result.lens) < 0.8 * heldout_kl(TunedLens.from_model(view))
     assert [record.step for record in history] == list(range(1, 31))
-    assert history[0].lr == pytest.approx(0.1) and history[-1].lr == pytest.approx(0.1 / 30)
+    assert history[0].lr == pytest.approx(1.0) and history[-1].lr == pytest.approx(1.0 / 30)  # the effective --lr
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -389,7 +389,7 @@ def test_cli_trains_a_lens_end_to_end(tiny_lm, tmp_path, capsys):
     lens = TunedLens.load(output, tiny_lm.model)
     assert lens.metadata["training"]["config"]["steps"] == 3 and lens.metadata["data"]["seq_len"] == 64
     assert len((output / LOG_FILE).read_text().splitlines()) == 3
-    assert f"Saved the tuned lens to {output}: 3 steps" in capsys.readouterr().out
+    assert f"saved the tuned lens to {output}: 3 steps" in capsys.readouterr().out
     before = (output / "params.safetensors").read_bytes()
     assert main(args) == 0  # the same command again finds the finished lens and leaves it as it is
     assert (output / "params.safetensors").read_bytes() == before

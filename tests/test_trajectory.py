@@ -14,14 +14,9 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from lenslab.adapter import ModelView
 from lenslab.errors import LensLabError
 from lenslab.lenses import LogitLens, TunedLens
-from lenslab.trajectory import (
-    STATISTICS,
-    Trajectory,
-    TrajectoryConfig,
-    compute_trajectories,
-    trajectories_to_dict,
-    value_range,
-)
+from lenslab.plots.grid import row_labels
+from lenslab.plots.scales import STATISTICS, value_range
+from lenslab.trajectory import Trajectory, TrajectoryConfig, compute_trajectories, trajectories_to_dict
 
 TOP_K = 4
 
@@ -119,7 +114,7 @@ def test_from_text_and_from_ids_agree_and_name_tokens(tiny_lm):
     assert "".join(trajectory.tokens) == text
     assert trajectory.next_tokens[:-1] == trajectory.tokens[1:] and trajectory.next_tokens[-1] is None
     assert trajectory.layers == ["embeddings", "layer 1", "layer 2", "layer 3", "layer 4"]
-    assert trajectory.row_labels[-1] == "layer 4 (output)"
+    assert row_labels(trajectory)[-1] == "layer 4 (output)"
     with torch.no_grad():
         model_top1 = tiny_lm.model(torch.tensor([ids])).logits[0].argmax(-1)
     assert torch.equal(trajectory.top_k_ids[-1, :, 0], model_top1)

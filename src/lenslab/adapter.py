@@ -1,11 +1,10 @@
-"""ModelView: where a Hugging Face causal LM keeps its layers, final norm and unembedding.
+"""ModelView: where a Hugging Face causal LM keeps its layers, final norm and unembedding, found once and validated.
 
-This is the only module that knows architectures, and it knows them as a table: each canonical part
-maps to the attribute paths that families use for it. A model outside the table is read by structure
-(the one ``nn.ModuleList`` as long as ``config.num_hidden_layers``; for the final norm, the norm-like
-module outside the layers that runs after them), and any part can be named explicitly. Whatever was
-found is then checked by behaviour: one tiny forward, after which decoding the last residual must
-reproduce the model's own logits.
+The parts are found through the architecture table of `lenslab.architectures` (or given explicitly). Whatever was
+found is then checked by behaviour: one tiny forward, after which decoding the last residual must reproduce the
+model's own logits. The view then decodes residuals as the model's head does (`ModelView.decode`), and exposes that
+head's pieces (`head_input`, the unembedding's tensors, `transform_logits`) for code that must compose them
+differently, such as the chunked KL of training, so that no one else re-implements the head.
 
 >>> from transformers import AutoModelForCausalLM, LlamaConfig
 >>> config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -19,70 +18,36 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 from transformers.activations import FastGELUActivation, NewGELUActivation
 
+from lenslab.architectures import (
+    NO_NORM,
+    PATHS,
+    LogitScale,
+    LogitTransform,
+    final_norm_candidates,
+    find_layers,
+    find_unembed,
+    first_present,
+    logit_transforms,
+)
 from lenslab.errors import LensLabError
 from lenslab.residuals import Residuals, capture_residuals
 
 logger = logging.getLogger(__name__)
 
-# Canonical part -> attribute paths families use for it, most common first.
-PATHS: dict[str, tuple[str, ...]] = {
-    "layers": (
-        "model.layers",  # llama, mistral, mixtral, qwen, gemma, phi3, olmo, cohere, granite, ...
-        "transformer.h",  # gpt2, gpt_neo, gptj, bloom, falcon, codegen, starcoder
-        "gpt_neox.layers",  # pythia
-        "model.decoder.layers",  # opt
-        "transformer.blocks",  # mpt
-        "transformer.layers",
-        "backbone.layers",
-        "model.language_model.layers",  # multimodal wrappers around a text decoder
-    ),
-    "final_norm": (
-        "model.norm",
-        "transformer.ln_f",
-        "gpt_neox.final_layer_norm",
-        # OPT registers this before its layers, and sets it to None for post-LN checkpoints (opt-350m).
-        "model.decoder.final_layer_norm",
-        "model.final_layernorm",  # phi-1/2
-        "transformer.norm_f",  # mpt
-        "backbone.norm_f",
-        "model.language_model.norm",
-    ),
-    "project_out": ("model.decoder.project_out",),  # opt with word_embed_proj_dim != hidden_size
-}
-
-# Config attribute -> the multiplier it puts on the logits (absent, None or 1 means no scaling).
-LOGIT_MULTIPLIERS: dict[str, Callable[[float], float]] = {
-    "logit_scale": lambda value: value,  # cohere: logits * logit_scale
-    "logits_scaling": lambda value: 1.0 / value,  # granite: logits / logits_scaling
-    "lm_head_multiplier": lambda value: value,  # falcon_h1: logits * lm_head_multiplier
-}
-# (config.model_type, attribute) -> the multiplier, where a family reads an attribute differently from the table.
-LOGIT_MULTIPLIER_OVERRIDES: dict[tuple[str, str], Callable[[float], float]] = {
-    ("hyperclovax", "logits_scaling"): lambda value: value,  # HyperCLOVA X multiplies where Granite divides
-}
-
 FUSABLE_ACTIVATIONS = (NewGELUActivation, FastGELUActivation)
 """transformers' activation modules written as Python arithmetic that compute PyTorch's tanh-approximate GELU (the
 same function, up to rounding): GPT-2, GPT-J, GPT-Neo, CodeGen and Phi-1/2 use them. Each makes about seven passes
 over a layer's [batch, seq, d_ff] activations where `nn.GELU(approximate="tanh")` makes one."""
-
-# Config attributes that families use for their context length.
-CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
-_SANE_CONTEXT = 2**31  # tokenizers without a limit report ~1e30 as `model_max_length`
-
-NO_NORM = "none"
-"""Value of ``final_norm=`` (and of ``final_norm_path``) for post-LN models that have no final norm."""
-
-_MISSING = object()
 
 # Validation tolerance on logits, relative to their magnitude: float32 decodes reproduce the model's
 # own arithmetic almost exactly; half precision gets a few units in the last place.
@@ -108,10 +73,9 @@ class ModelView:
     """``model.get_output_embeddings()``: a Linear from d_unembed to vocab, bias included when present."""
     project_out: nn.Module | None = field(repr=False)
     """Projection between the final norm and the unembedding (OPT's ``project_out``), else None."""
-    logit_softcap: float | None
-    """Gemma-2/3 ``final_logit_softcapping``: logits = cap * tanh(logits / cap); None when absent."""
-    logit_scale: float | None
-    """Multiplier on the logits (Cohere's ``logit_scale``, 1 / Granite's ``logits_scaling``); None when absent."""
+    logit_transforms: tuple[LogitTransform, ...]
+    """What the head does to the unembedding's output, in order (`lenslab.architectures.LogitScale`, then
+    `LogitSoftcap`); empty for most models. `transform_logits` applies them, in evaluation and training alike."""
     layers_path: str
     """Dotted attribute path of ``layers`` (what ``from_model(layers=...)`` takes)."""
     final_norm_path: str
@@ -138,7 +102,7 @@ class ModelView:
         model's logits; discovery of an unlisted final norm needs that forward too.
         """
         config = model.config.get_text_config()
-        layers_path, layer_list = _find_layers(model, layers, config)
+        layers_path, layer_list = find_layers(model, layers, config)
         if layers_path is None:
             raise LensLabError(
                 f"Could not find the decoder layers of {type(model).__name__} (tried {', '.join(PATHS['layers'])} "
@@ -146,23 +110,21 @@ class ModelView:
                 "pass their dotted path, e.g. ModelView.from_model(model, layers='model.layers', "
                 "final_norm='model.norm')."
             )
-        unembed_path, unembed_module = _find_unembed(model, unembed)
-        project_out_path, project_out = _first_present(model, PATHS["project_out"])
-        softcap = getattr(config, "final_logit_softcapping", None)
+        unembed_path, unembed_module = find_unembed(model, unembed)
+        project_out_path, project_out = first_present(model, PATHS["project_out"])
         view = cls(
             model=model,
             layers=layer_list,
             final_norm=None,
             unembed=unembed_module,
             project_out=project_out,
-            logit_softcap=float(softcap) if softcap else None,
-            logit_scale=_logit_scale(config),
+            logit_transforms=logit_transforms(config),
             layers_path=layers_path,
             final_norm_path=NO_NORM,
             unembed_path=unembed_path,
             project_out_path=project_out_path,
         )
-        candidates = _final_norm_candidates(model, layer_list, final_norm)
+        candidates = final_norm_candidates(model, layer_list, final_norm)
         if validate:
             view._choose_norm_by_behaviour(candidates, explicit=final_norm is not None)
         elif len(candidates) == 1:
@@ -173,7 +135,7 @@ class ModelView:
                 f"Found several possible final norms ({names}) in {type(model).__name__} and cannot choose without "
                 "a forward pass; pass final_norm='<path>' (or 'none') or validate=True."
             )
-        logger.info("ModelView for %s: %s", type(model).__name__, view)
+        logger.debug("ModelView for %s: %s", type(model).__name__, view)
         return view
 
     @property
@@ -218,18 +180,38 @@ class ModelView:
     def decode(self, h: Tensor) -> Tensor:
         """Logits from residuals the way the model makes them from its last one.
 
-        h: [..., d_model] on any device -> logits [..., vocab] on ``device``: final_norm -> project_out -> unembed ->
-        scale -> softcap, each part run on its own device.
+        h: [..., d_model] on any device -> logits [..., vocab] on ``device``: `head_input` (final_norm ->
+        project_out) -> unembed -> `transform_logits`, each part run on its own device.
+        """
+        return self.transform_logits(self.unembed(self.head_input(h).to(self.device)))
+
+    def head_input(self, h: Tensor) -> Tensor:
+        """What the unembedding reads: the final norm and ``project_out`` applied to ``h``, each on its own device.
+
+        h: [..., d_model] on any device -> [..., d_unembed] on the device of the last part that ran (h's when none).
         """
         for part in (self.final_norm, self.project_out):
             if part is not None:
                 h = part(h.to(execution_device(part, h.device)))
-        logits = self.unembed(h.to(self.device))
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.logit_softcap is not None:
-            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return h
+
+    def transform_logits(self, logits: Tensor) -> Tensor:
+        """The head's logits from the unembedding's output: ``logit_transforms`` applied in order.
+
+        logits: [..., vocab] -> [..., vocab], on any device and in any float dtype; the input is not modified.
+        """
+        for transform in self.logit_transforms:
+            logits = transform(logits)
         return logits
+
+    @property
+    def logit_multiplier(self) -> float | None:
+        """c where ``transform_logits(x) == c * x``: the product of the factors when every transform is a
+        `LogitScale` (1.0 when there are none); None for any other transform (a softcap), whose code paths must call
+        `transform_logits` itself rather than scale."""
+        if not all(isinstance(transform, LogitScale) for transform in self.logit_transforms):
+            return None
+        return math.prod((transform.factor for transform in self.logit_transforms), start=1.0)
 
     def unembedding_weight(self) -> Tensor:
         """The unembedding matrix, [vocab, d_unembed], on ``device`` (see ``_unembedding_tensor``)."""
@@ -316,7 +298,8 @@ class ModelView:
         )
 
     def _probe(self, norms: list[nn.Module]) -> tuple[Residuals, set[int]]:
-        """One tiny forward: its residuals (shape-checked) and the ids of the ``norms`` that ran after the last layer."""
+        """One tiny forward: its residuals (shape-checked) and the ids of the ``norms`` that ran after the last
+        layer."""
         embedding = self.model.get_input_embeddings()
         # Ids from 3 up skip the usual pad/bos/eos ids, which some models warn about without a mask.
         ids = 3 + torch.arange(8, device=self.device) * 7 % (embedding.num_embeddings - 3)
@@ -345,21 +328,6 @@ class ModelView:
         return residuals, set(finished[last_layer_done:])
 
 
-def context_length(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None = None) -> int | None:
-    """The most tokens the model reads at once: the shortest sane length its config and tokenizer declare.
-
-    None when neither says.
-    """
-    candidates = []
-    if model is not None:
-        config = model.config.get_text_config()
-        candidates += [getattr(config, name, None) for name in CONTEXT_ATTRIBUTES]
-    if tokenizer is not None:
-        candidates.append(tokenizer.model_max_length)
-    sane = [value for value in candidates if isinstance(value, int) and 0 < value < _SANE_CONTEXT]
-    return min(sane, default=None)
-
-
 def execution_device(module: nn.Module, default: torch.device) -> torch.device:
     """The device ``module`` computes on.
 
@@ -375,113 +343,3 @@ def execution_device(module: nn.Module, default: torch.device) -> torch.device:
     return default if tensor is None else tensor.device
 
 
-def _resolve(model: nn.Module, path: str):
-    """The object at dotted ``path`` below ``model``: None if the attribute is None, ``_MISSING`` if absent."""
-    obj = model
-    for name in path.split("."):
-        obj = getattr(obj, name, _MISSING)
-        if obj is _MISSING or obj is None:
-            return obj
-    return obj
-
-
-def _explicit(model: nn.Module, path: str, part: str, kinds: tuple[type, ...]) -> nn.Module:
-    """The module at a user-given path, or a LensLabError naming the argument to fix."""
-    module = _resolve(model, path)
-    if not isinstance(module, kinds):
-        found = "nothing" if module is _MISSING or module is None else type(module).__name__
-        expected = " or ".join(kind.__name__ for kind in kinds)
-        raise LensLabError(
-            f"{part}='{path}' points to {found} in {type(model).__name__} where a {expected} was expected; "
-            f"pass the dotted module path, as printed by print(model), with {part}='...'."
-        )
-    return module
-
-
-def _first_present(model: nn.Module, paths: tuple[str, ...]) -> tuple[str | None, nn.Module | None]:
-    """The first of ``paths`` that names a module, as (path, module), else (None, None)."""
-    for path in paths:
-        module = _resolve(model, path)
-        if isinstance(module, nn.Module):
-            return path, module
-    return None, None
-
-
-def _find_layers(model: nn.Module, path: str | None, config) -> tuple[str | None, nn.ModuleList | None]:
-    """Decoder layers: explicit path, else the table, else the one outermost ModuleList of
-    ``config.num_hidden_layers`` blocks; (None, None) when none of these finds exactly one."""
-    if path is not None:
-        return path, _explicit(model, path, "layers", (nn.ModuleList, nn.Sequential))
-    found = _first_present(model, PATHS["layers"])
-    if found[0] is not None:
-        return found
-    num_layers = getattr(config, "num_hidden_layers", None)
-    lists = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers
-    ]
-    # Drop lists nested in another (per-layer expert lists of an MoE can have L entries too).
-    outermost = [(n, m) for n, m in lists if not any(n.startswith(f"{other}.") for other, _ in lists)]
-    return outermost[0] if len(outermost) == 1 else (None, None)
-
-
-def _find_unembed(model: PreTrainedModel, path: str | None) -> tuple[str, nn.Module]:
-    """The unembedding: explicit path, else ``get_output_embeddings()``, with its dotted path."""
-    if path is not None:
-        return path, _explicit(model, path, "unembed", (nn.Module,))
-    module = model.get_output_embeddings()
-    if module is None:
-        raise LensLabError(
-            f"{type(model).__name__}.get_output_embeddings() returned None, so it has no readable language-model "
-            "head; load it as a causal LM (AutoModelForCausalLM) or pass unembed='<dotted.path>'."
-        )
-    name = next(name for name, candidate in model.named_modules() if candidate is module)
-    return name, module
-
-
-def _logit_scale(config) -> float | None:
-    """The product of the ``LOGIT_MULTIPLIERS`` the config sets (read through ``LOGIT_MULTIPLIER_OVERRIDES``), None
-    when it sets none."""
-    scale = 1.0
-    for name, multiplier in LOGIT_MULTIPLIERS.items():
-        value = getattr(config, name, None)
-        if value is not None and value != 1:
-            multiplier = LOGIT_MULTIPLIER_OVERRIDES.get((getattr(config, "model_type", None), name), multiplier)
-            scale *= multiplier(float(value))
-    return None if scale == 1.0 else scale
-
-
-def _is_norm(module: nn.Module) -> bool:
-    """Norm-like by type or by name (families define their own RMSNorm classes)."""
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
-
-
-def _final_norm_candidates(
-    model: nn.Module, layers: nn.Module, path: str | None
-) -> list[tuple[str, nn.Module | None]]:
-    """Possible final norms as (path, module), module None meaning post-LN; the first is the likeliest.
-
-    An explicit path or a table entry is the only candidate (a table entry set to None, as in OPT-350m,
-    means no final norm). Otherwise every outermost norm-like module outside the layers and not named
-    after embeddings competes, and behaviour decides (``ModelView._choose_norm_by_behaviour``).
-    """
-    if path is not None:
-        if path.lower() == NO_NORM:
-            return [(NO_NORM, None)]
-        return [(path, _explicit(model, path, "final_norm", (nn.Module,)))]
-    for candidate in PATHS["final_norm"]:
-        module = _resolve(model, candidate)
-        if isinstance(module, nn.Module):
-            return [(candidate, module)]
-        if module is None:
-            return [(NO_NORM, None)]
-    inside = {id(m) for m in layers.modules()}
-    # An embedding norm (BLOOM's word_embeddings_layernorm) is never the final norm.
-    norms = [
-        (n, m)
-        for n, m in model.named_modules()
-        if _is_norm(m) and id(m) not in inside and "emb" not in n.rsplit(".", 1)[-1]
-    ]
-    norms = [(n, m) for n, m in norms if not any(n.startswith(f"{other}.") for other, _ in norms)]
-    return norms or [(NO_NORM, None)]

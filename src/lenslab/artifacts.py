@@ -4,38 +4,33 @@ Also reads the layout of the `tuned-lens` package (`config.json` with `d_model`,
 `bias`, ...; `params.pt` with keys `"{i}.weight"`, `"{i}.bias"`) so published lenses work, but only through
 `torch.load(weights_only=True)`: a pickle that would run code is refused.
 
-Every file is written to a temporary name in the same directory and renamed into place, so a crash never
-leaves a half-written file. A lens is two files, so the config also records the SHA-256 of the parameters it goes
-with, and `write_lens` keeps the previous parameters until the new config is in place (`write_lens` says how): a save
-killed at any point leaves the old lens or the new one, never new parameters under an old config. The other files a
-training run keeps in the directory (its log, its checkpoint) are not touched.
+Every file is written atomically (`lenslab.io`), so a crash never leaves a half-written file. A lens is two files,
+so the config also records the SHA-256 of the parameters it goes with, and `write_lens` keeps the previous parameters
+until the new config is in place (`write_lens` says how): a save killed at any point leaves the old lens or the new
+one, never new parameters under an old config. The other files a training run keeps in the directory (its log, its
+checkpoint) are not touched. Whether a lens read here fits a model is `lenslab.compatibility`'s question.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lenslab import __version__
-from lenslab.adapter import ModelView
-from lenslab.errors import LensLabError, LensModelMismatch
-from lenslab.model_source import is_hub_id
+from lenslab.errors import LensLabError
+from lenslab.io import atomic_write_json, file_sha256, staged_file
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +41,6 @@ PARAMS_FILE = "params.safetensors"
 TUNED_LENS_PARAMS_FILE = "params.pt"
 PARAMS_BACKUP = ".params.safetensors.previous"
 """Where `write_lens` keeps the parameters the current config names until the new config replaces it."""
-# Entries of the unembedding sampled for the fingerprint; enough to tell models apart, small enough to read.
-FINGERPRINT_SAMPLES = 64
-# bf16 rounds to ~0.4% per entry, so a lens trained on the same model in another dtype stays well inside this.
-FINGERPRINT_RTOL = 2e-2
 
 
 @dataclass
@@ -71,7 +62,7 @@ class LensConfig:
     vocab_size: int | None = None
     """Width of the model's logits."""
     unembed_fingerprint: dict[str, Any] | None = None
-    """Shape and a strided sample of the unembedding weights (see `unembed_fingerprint`)."""
+    """Shape and a strided sample of the unembedding weights (see `lenslab.compatibility.unembed_fingerprint`)."""
     params_sha256: str | None = None
     """SHA-256 of the `params.safetensors` written with this config (set by `write_lens`; None in older files)."""
     format: str = FORMAT_NAME
@@ -147,146 +138,6 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 """Per `LensConfig` field: whether a value is acceptable, and what is expected (for the error)."""
 
 
-def fingerprint_indices(numel: int) -> torch.Tensor:
-    """`FINGERPRINT_SAMPLES` evenly strided flat indices into a tensor of `numel` entries: [samples] int64.
-
-    Integer arithmetic: float32 index math rounds past the last entry once `numel` exceeds 2^24 (GPT-2's
-    unembedding has 38.6M entries).
-    """
-    return torch.arange(FINGERPRINT_SAMPLES, dtype=torch.int64) * (numel - 1) // (FINGERPRINT_SAMPLES - 1)
-
-
-def _legacy_fingerprint_indices(numel: int) -> torch.Tensor:
-    """The indices lenslab 0.1 fingerprints sampled (float32 `linspace`), to check lens files it wrote; it could
-    only write them for unembeddings of at most 2^24 entries, where these stay in range."""
-    return torch.linspace(0, numel - 1, FINGERPRINT_SAMPLES).long().clamp_(max=numel - 1)
-
-
-def unembed_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
-    """Shape plus `FINGERPRINT_SAMPLES` evenly strided entries of the unembedding, as float32, and where they sit.
-
-    A sample rather than a hash, so that the same model loaded in bf16 or float32 still matches while a
-    different (or fine-tuned) model does not. weight: [vocab, d_unembed].
-    """
-    index = fingerprint_indices(weight.numel())
-    return {"shape": list(weight.shape), "index": index.tolist(), "sample": _sample(weight, index)}
-
-
-def _sample(weight: torch.Tensor, index: torch.Tensor) -> list[float]:
-    return weight.detach().reshape(-1)[index.to(weight.device)].float().cpu().tolist()
-
-
-def fingerprint_matches(stored: dict[str, Any], weight: torch.Tensor) -> bool:
-    """Whether the unembedding `weight` ([vocab, d_unembed]) has the shape and, at the stored indices, nearly the
-    values of the fingerprint `stored` (one written by `unembed_fingerprint`, or by lenslab 0.1 without indices)."""
-    if list(stored.get("shape", [])) != list(weight.shape):
-        return False
-    numel = weight.numel()
-    index = torch.tensor(stored["index"]) if "index" in stored else _legacy_fingerprint_indices(numel)
-    if index.numel() == 0 or index.min() < 0 or index.max() >= numel:
-        return False
-    stored_sample = torch.tensor(stored.get("sample", []), dtype=torch.float32)
-    current_sample = torch.tensor(_sample(weight, index), dtype=torch.float32)
-    if stored_sample.shape != current_sample.shape:
-        return False
-    error = (stored_sample - current_sample).norm()
-    return bool(error <= FINGERPRINT_RTOL * current_sample.norm().clamp_min(1e-12))
-
-
-def check_compatible(config: LensConfig, view: ModelView, directory: Path, check: str) -> None:
-    """Refuse a lens whose shapes (and, with check="full", model) differ from the model's.
-
-    With check="full" the unembedding fingerprint decides; a lens without one (a tuned-lens file, an old lenslab
-    file) is confirmed by the tuned-lens unembedding hash when it has one, else by the model names: refused when
-    both are hub ids of different models, let through with a warning when the names cannot tell.
-    """
-    if check not in ("full", "shapes"):
-        raise LensLabError(f"Unknown lens check {check!r}; pass check='full' or check='shapes'.")
-    model_name = view.model.config.name_or_path or type(view.model).__name__
-    if config.d_model != view.d_model:
-        raise LensLabError(
-            f"Hidden size mismatch: the lens in {directory} has d_model={config.d_model} but model "
-            f"{model_name!r} has a residual width of {view.d_model}; load a lens trained for this model."
-        )
-    if config.num_hidden_layers != view.num_layers:
-        raise LensLabError(
-            f"The lens in {directory} has {config.num_hidden_layers} layers but model {model_name!r} has "
-            f"{view.num_layers}; load a lens trained for this model."
-        )
-    if check == "shapes":
-        return
-    if config.unembed_fingerprint is not None:
-        if not fingerprint_matches(config.unembed_fingerprint, view.unembedding_weight()):
-            raise LensModelMismatch(
-                f"The lens in {directory} was trained for model {config.base_model!r}, whose unembedding differs "
-                f"from that of model {model_name!r}; load a lens trained for this model, or pass check='shapes' "
-                f"(CLI: --allow-model-mismatch) to apply it to a fine-tuned relative anyway."
-            )
-        return
-    stored_hash = config.metadata.get("unembed_hash")
-    if stored_hash is not None and stored_hash == tuned_lens_unembed_hash(view.unembedding_weight()):
-        return
-    base, name = config.base_model or "", view.model.config.name_or_path or ""
-    if base and name and _model_key(base) == _model_key(name):
-        return
-    if is_hub_id(base) and is_hub_id(name):
-        raise LensModelMismatch(
-            f"The lens in {directory} was trained for model {base!r}, not {name!r}, and holds no unembedding "
-            f"fingerprint that could show them to be the same; load a lens trained for this model, or pass "
-            f"check='shapes' (CLI: --allow-model-mismatch) to apply it anyway."
-        )
-    log.warning(
-        "The lens in %s cannot be checked against model %r: it was trained for %s and holds no unembedding "
-        "fingerprint; make sure it was trained for this model.",
-        directory, model_name, repr(base) if base else "an unrecorded model",
-    )  # fmt: skip
-
-
-def tuned_lens_unembed_hash(weight: torch.Tensor) -> str:
-    """The `unembed_hash` the tuned-lens package records: SHA-256 of numpy's one-decimal summary of the unembedding
-    ([vocab, d_unembed]), which prints only its corners; the same model in another dtype nearly always matches."""
-    return hashlib.sha256(np.array_str(weight.detach().float().cpu().numpy(), precision=1).encode()).hexdigest()
-
-
-def _model_key(name: str) -> str:
-    """What spellings of one model share: `EleutherAI/pythia-160m`, `/models/Pythia-160M/` -> `pythia-160m`."""
-    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
-
-
-@contextmanager
-def staged_file(path: Path, write: Callable[[Path], None]) -> Iterator[Path]:
-    """A temporary file beside `path` that `write(temporary_path)` has filled and that is on disk, for the caller
-    to rename into place; it is removed if the caller does not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        # mkstemp creates owner-only files; give the result the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        yield Path(temporary)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(temporary_path)`, then rename the result onto `path` in one step."""
-    with staged_file(path, write) as temporary:
-        os.replace(temporary, path)
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def write_lens(directory: str | Path, config: LensConfig, tensors: dict[str, torch.Tensor]) -> Path:
     """Write `params.safetensors` and `config.json` into `directory` so that a kill at any point leaves the old
     lens or the new one.
@@ -301,7 +152,7 @@ def write_lens(directory: str | Path, config: LensConfig, tensors: dict[str, tor
     old = _existing_lens_config(config_path)
     contiguous = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     with staged_file(params, lambda tmp: save_file(contiguous, str(tmp), metadata={"format": "pt"})) as staged:
-        digest = _sha256(staged)
+        digest = file_sha256(staged)
         if old is not None and _pairs_with(old, params, backup):
             os.replace(params, backup)
         os.replace(staged, params)
@@ -332,15 +183,7 @@ def _pairs_with(config: dict[str, Any], params: Path, backup: Path) -> bool:
         return False
     if config.get("params_sha256") is None:  # written before configs named their params: see `_params_of`
         return not backup.is_file()
-    return _sha256(params) == config["params_sha256"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(params) == config["params_sha256"]
 
 
 def read_lens(directory: str | Path) -> tuple[LensConfig, dict[str, torch.Tensor]]:
@@ -403,7 +246,7 @@ def _params_of(directory: Path, config: LensConfig) -> Path:
         # new config (which always has the hash) replaced it, so the backup holds this config's parameters.
         found = backup if backup.is_file() else params
     else:
-        found = next((p for p in (params, backup) if p.is_file() and _sha256(p) == config.params_sha256), None)
+        found = next((p for p in (params, backup) if p.is_file() and file_sha256(p) == config.params_sha256), None)
     if found is None:
         raise LensLabError(
             f"{params} is truncated, corrupted or not the file written with {directory / CONFIG_FILE} (its SHA-256 "

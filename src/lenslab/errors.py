@@ -11,4 +11,4 @@ class LensLabError(ValueError):
 
 class LensModelMismatch(LensLabError):
     """A lens loaded onto a model whose unembedding differs from the one it was trained for (callers that know
-    better than `artifacts.check_compatible`'s advice to relax the check catch this one)."""
+    better than `compatibility.check_compatible`'s advice to relax the check catch this one)."""

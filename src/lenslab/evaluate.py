@@ -36,36 +36,13 @@ from torch import Tensor
 
 from lenslab.adapter import ModelView
 from lenslab.errors import LensLabError
-from lenslab.lenses import Lens
+from lenslab.lenses import Lens, layer_names, row_chunks
 
 log = logging.getLogger(__name__)
 
 # Logit elements decoded at once (rows = this // vocab): 64M float32 values are 256 MiB per [rows, vocab]
 # tensor, and a step holds about six of them, which fits beside a large model on one accelerator.
 _ELEMENTS_PER_STEP = 2**26
-
-LOGITS_PER_CHUNK = 2**24
-"""Default budget of `row_chunks`: 64 MiB per float32 [rows, vocab] tensor, so that the analyses that decode
-every token (prediction depth, choice scoring) hold a bounded amount whatever the number of tokens."""
-
-
-def row_chunks(n_rows: int, row_width: int, logits: int | None = None) -> list[slice]:
-    """Consecutive slices covering range(n_rows), each of at most ``logits // row_width`` rows (at least one).
-
-    ``logits`` defaults to `LOGITS_PER_CHUNK`; ``row_width`` is the vocabulary, times the number of copies of
-    each row decoded together. A [rows, vocab] tensor of one slice is then bounded by the budget, not by n_rows.
-    """
-    step = max(1, (LOGITS_PER_CHUNK if logits is None else logits) // max(1, row_width))
-    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
-
-
-def layer_names(view: ModelView) -> list[str]:
-    """Readable names of the lens positions: ``["embeddings", "layer 1", ..., "layer L"]``.
-
-    "layer l" is the output of the l-th decoder block (lens position l); the last is the model's own output
-    position, before the final norm.
-    """
-    return ["embeddings", *(f"layer {layer}" for layer in range(1, view.num_positions))]
 
 
 @dataclass

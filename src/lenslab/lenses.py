@@ -9,21 +9,46 @@ the `Lens` interface:
     len(lens)                        # number of lens positions, L + 1
 
 Lens position 0 is the embedding output (the input to layer 0), position l the output of layer l-1, and
-position L the last layer's output, where every lens is the model itself.
+position L the last layer's output, where every lens is the model itself (`layer_names` names them). Consumers that
+decode many tokens do it a slice of rows at a time (`row_chunks`), so no [tokens, vocab] tensor need exist whole.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from lenslab.adapter import ModelView
-from lenslab.artifacts import LensConfig, check_compatible, read_lens, unembed_fingerprint, write_lens
+from lenslab.artifacts import LensConfig, read_lens, write_lens
+from lenslab.compatibility import check_compatible, unembed_fingerprint
 from lenslab.errors import LensLabError
+
+LOGITS_PER_CHUNK = 2**24
+"""Default budget of `row_chunks`: 64 MiB per float32 [rows, vocab] tensor, so that the analyses that decode
+every token (prediction depth, choice scoring) hold a bounded amount whatever the number of tokens."""
+
+
+def layer_names(view: ModelView) -> list[str]:
+    """Readable names of the lens positions: ``["embeddings", "layer 1", ..., "layer L"]``.
+
+    "layer l" is the output of the l-th decoder block (lens position l); the last is the model's own output
+    position, before the final norm.
+    """
+    return ["embeddings", *(f"layer {layer}" for layer in range(1, view.num_positions))]
+
+
+def row_chunks(n_rows: int, row_width: int, logits: int | None = None) -> list[slice]:
+    """Consecutive slices covering range(n_rows), each of at most ``logits // row_width`` rows (at least one).
+
+    ``logits`` defaults to `LOGITS_PER_CHUNK`; ``row_width`` is the vocabulary, times the number of copies of
+    each row decoded together. A [rows, vocab] tensor of one slice is then bounded by the budget, not by n_rows.
+    """
+    step = max(1, (LOGITS_PER_CHUNK if logits is None else logits) // max(1, row_width))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
 def as_view(model_or_view: PreTrainedModel | ModelView) -> ModelView:
@@ -87,7 +112,81 @@ class LogitLens(Lens):
         return h
 
 
-class TunedLens(Lens):
+class StoredLens(Lens):
+    """A lens with parameters, kept in a lens folder: `config.json` (its kind, its model) + `params.safetensors`."""
+
+    bias: bool = False
+    """Whether the lens has bias terms (recorded in the config)."""
+
+    def __init__(self, view: ModelView):
+        super().__init__(view)
+        self.metadata: dict[str, Any] = {}
+        """Provenance read from or written to the lens file (e.g. the training recipe)."""
+
+    @classmethod
+    def empty(cls, view: ModelView, config: LensConfig) -> StoredLens:
+        """A lens of this kind, shaped as `config` says, for `load` to fill."""
+        raise NotImplementedError
+
+    def save(self, directory: str | Path, **metadata: Any) -> Path:
+        """Write `config.json` + `params.safetensors` atomically into `directory`; returns the directory.
+
+        The lens's own `metadata` (what it was trained or loaded with) is stored in the config for provenance,
+        updated by the `metadata` given here, which the lens itself does not keep.
+        """
+        model_config = self.view.model.config
+        config = LensConfig(
+            kind=self.kind,
+            d_model=self.view.d_model,
+            num_hidden_layers=self.view.num_layers,
+            bias=self.bias,
+            base_model=model_config.name_or_path or None,
+            base_model_revision=getattr(model_config, "_commit_hash", None),
+            vocab_size=self.view.vocab_size,
+            unembed_fingerprint=unembed_fingerprint(self.view.unembedding_weight()),
+            metadata=self.metadata | metadata,
+        )
+        return write_lens(directory, config, self.state_dict())
+
+    @classmethod
+    def load(
+        cls: type[_Stored], directory: str | Path, model_or_view: PreTrainedModel | ModelView, *, check: str = "full"
+    ) -> _Stored:
+        """Load a lens of this kind saved by lenslab (or, for tuned lenses, by the `tuned-lens` package), refusing
+        one made for another model.
+
+        check: "full" refuses a lens whose unembedding fingerprint differs from the model's; "shapes" only
+        requires the same number of layers and residual width (for a fine-tuned relative of the lens's model).
+        """
+        view = as_view(model_or_view)
+        config, tensors = read_lens(directory)
+        if config.kind != cls.kind:
+            raise LensLabError(f"The lens in {directory} is a {config.kind!r} lens, not a {cls.kind!r} lens.")
+        check_compatible(config, view, Path(directory), check)
+        lens = cls.empty(view, config)
+        expected = lens.state_dict()
+        if set(tensors) != set(expected):
+            raise LensLabError(
+                f"The lens in {directory} holds parameters {sorted(set(tensors) ^ set(expected))[:4]} that do not "
+                f"match a {view.num_layers}-layer {cls.kind} lens with bias={config.bias}; re-save the lens."
+            )
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise LensLabError(
+                    f"Hidden size mismatch in {directory}: {name} has shape {list(tensor.shape)} but this model "
+                    f"needs {list(expected[name].shape)}; load a lens trained for this model."
+                )
+            if not torch.isfinite(tensor).all():
+                raise LensLabError(f"The lens in {directory} contains NaN or infinite values in {name}; re-train it.")
+        lens.load_state_dict(tensors)
+        lens.metadata = config.metadata
+        return lens
+
+
+_Stored = TypeVar("_Stored", bound=StoredLens)
+
+
+class TunedLens(StoredLens):
     """One learned affine translator per layer, `h + A_l h + b_l`, before the model's decoder.
 
     The translator is written residually (`h + Linear(h)`) and initialised at zero, so an untrained tuned
@@ -102,8 +201,6 @@ class TunedLens(Lens):
     def __init__(self, view: ModelView, *, bias: bool = True, dtype: torch.dtype = torch.float32):
         super().__init__(view)
         self.bias = bias
-        self.metadata: dict[str, Any] = {}
-        """Provenance read from or written to the lens file (e.g. the training recipe)."""
         d_model = view.d_model
         self.translators = nn.ModuleList(
             nn.Linear(d_model, d_model, bias=bias, device=view.residual_device(layer), dtype=dtype)
@@ -136,54 +233,6 @@ class TunedLens(Lens):
         h_lens = h.to(translator.weight.device, translator.weight.dtype)
         return (h_lens + translator(h_lens)).to(h.dtype)
 
-    def save(self, directory: str | Path, **metadata: Any) -> Path:
-        """Write `config.json` + `params.safetensors` atomically into `directory`; returns the directory.
-
-        `metadata` (e.g. the training recipe) is stored in the config for provenance.
-        """
-        model_config = self.view.model.config
-        config = LensConfig(
-            kind=self.kind,
-            d_model=self.view.d_model,
-            num_hidden_layers=self.view.num_layers,
-            bias=self.bias,
-            base_model=model_config.name_or_path or None,
-            base_model_revision=getattr(model_config, "_commit_hash", None),
-            vocab_size=self.view.vocab_size,
-            unembed_fingerprint=unembed_fingerprint(self.view.unembedding_weight()),
-            metadata=metadata,
-        )
-        return write_lens(directory, config, self.state_dict())
-
     @classmethod
-    def load(
-        cls, directory: str | Path, model_or_view: PreTrainedModel | ModelView, *, check: str = "full"
-    ) -> TunedLens:
-        """Load a lens saved by lenslab or by the `tuned-lens` package, refusing one made for another model.
-
-        check: "full" refuses a lens whose unembedding fingerprint differs from the model's; "shapes" only
-        requires the same number of layers and residual width (for a fine-tuned relative of the lens's model).
-        """
-        view = as_view(model_or_view)
-        config, tensors = read_lens(directory)
-        if config.kind != cls.kind:
-            raise LensLabError(f"The lens in {directory} is a {config.kind!r} lens, not a {cls.kind!r} lens.")
-        check_compatible(config, view, Path(directory), check)
-        lens = cls(view, bias=config.bias)
-        expected = set(lens.state_dict())
-        if set(tensors) != expected:
-            raise LensLabError(
-                f"The lens in {directory} holds parameters {sorted(set(tensors) ^ expected)[:4]} that do not "
-                f"match a {view.num_layers}-layer tuned lens with bias={config.bias}; re-save the lens."
-            )
-        for name, tensor in tensors.items():
-            if tensor.shape != lens.state_dict()[name].shape:
-                raise LensLabError(
-                    f"Hidden size mismatch in {directory}: {name} has shape {list(tensor.shape)} but this model "
-                    f"needs {list(lens.state_dict()[name].shape)}; load a lens trained for this model."
-                )
-            if not torch.isfinite(tensor).all():
-                raise LensLabError(f"The lens in {directory} contains NaN or infinite values in {name}; re-train it.")
-        lens.load_state_dict(tensors)
-        lens.metadata = config.metadata
-        return lens
+    def empty(cls, view: ModelView, config: LensConfig) -> TunedLens:
+        return cls(view, bias=config.bias)

@@ -20,15 +20,29 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lenslab.errors import LensLabError
 
-if TYPE_CHECKING:
-    from lenslab.adapter import ModelView
+
+class LayeredModel(Protocol):
+    """What residual capture reads of a model: `lenslab.adapter.ModelView` is one. A protocol rather than the
+    view itself, because the view validates the parts it finds with a capture, so the adapter imports this module."""
+
+    @property
+    def model(self) -> nn.Module:
+        """The causal LM, called with ``input_ids`` (and optionally ``attention_mask``, ``position_ids``)."""
+
+    @property
+    def layers(self) -> nn.ModuleList | nn.Sequential:
+        """Its decoder blocks, in order."""
+
+    @property
+    def num_positions(self) -> int:
+        """L + 1 lens positions."""
 
 
 class Residuals(NamedTuple):
@@ -45,7 +59,7 @@ class _StopForward(Exception):
 
 
 def capture_residuals(
-    view: ModelView,
+    view: LayeredModel,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
     *,
@@ -90,7 +104,7 @@ def capture_residuals(
     return Residuals(hidden=hidden, logits=output.logits if need_logits else None)
 
 
-def hook_residual(view: ModelView, position: int, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+def hook_residual(view: LayeredModel, position: int, fn: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
     """Call ``fn(h)`` on the residual at lens ``position`` during every forward; a returned tensor replaces h.
 
     h: [batch, seq, d_model]. Position 0 is seen just before layer 0 runs (a pre-hook), position l > 0 when
@@ -120,7 +134,7 @@ def hook_residual(view: ModelView, position: int, fn: Callable[[Tensor], Tensor 
     return view.layers[position - 1].register_forward_hook(after_layer)
 
 
-def _forward_kwargs(view: ModelView, input_ids: Tensor, attention_mask: Tensor | None) -> dict:
+def _forward_kwargs(view: LayeredModel, input_ids: Tensor, attention_mask: Tensor | None) -> dict:
     """Keyword arguments for the model's forward: no KV cache, and mask-following position ids."""
     accepts = inspect.signature(view.model.forward).parameters
     kwargs: dict = {"input_ids": input_ids}

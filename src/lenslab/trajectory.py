@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lenslab.adapter import ModelView, context_length
+from lenslab.adapter import ModelView
+from lenslab.architectures import context_length
 from lenslab.errors import LensLabError
-from lenslab.evaluate import layer_names, row_chunks
-from lenslab.lenses import Lens
+from lenslab.lenses import Lens, layer_names, row_chunks
 from lenslab.tokens import token_texts
 
 logger = logging.getLogger(__name__)
@@ -73,27 +73,8 @@ class TrajectoryConfig:
             )
 
 
-class Statistic(NamedTuple):
-    """How one per-cell statistic is coloured; renderers (html, png, terminal) share this table."""
-
-    label: str
-    """Colour-bar title."""
-    colormap: str
-    """Colour map name understood by both matplotlib and plotly; bright means confident or close to final."""
-    log_scale: bool = False
-    """Colour by log10 of the value (ranks span 1 .. vocab)."""
-    diverging: bool = False
-    """Centre the colour range at 0 (target scores)."""
-
-
-STATISTICS: dict[str, Statistic] = {
-    "entropy": Statistic("entropy (nats)", "viridis_r"),
-    "prob": Statistic("probability of the next token", "viridis"),
-    "rank": Statistic("rank of the next token", "viridis_r", log_scale=True),
-    "kl": Statistic("KL(final ‖ lens) (nats)", "viridis_r"),
-    "target": Statistic("log p(target) − log p(anti-target)", "RdBu", diverging=True),
-}
-"""Names accepted by ``Trajectory.statistic`` and ``--stat``."""
+STATISTIC_NAMES = ("entropy", "prob", "rank", "kl", "target")
+"""Per-cell statistics of ``Trajectory.statistic`` (``--stat``); ``lenslab.plots.scales`` says how each is coloured."""
 
 
 @dataclass
@@ -109,7 +90,7 @@ class Trajectory:
     lens_name: str
     """Kind of lens: "logit", "tuned", ..."""
     layers: list[str]
-    """Lens position names (``lenslab.evaluate.layer_names``): "embeddings", "layer 1", ..., "layer L"."""
+    """Lens position names (``lenslab.lenses.layer_names``): "embeddings", "layer 1", ..., "layer L"."""
     input_ids: Tensor
     """[N] int64, the prompt tokens shown (the prompt's tokens ``start:start + N``)."""
     next_ids: Tensor
@@ -173,11 +154,6 @@ class Trajectory:
         return self.top_k_ids.shape[0]
 
     @property
-    def row_labels(self) -> list[str]:
-        """``layers`` for pictures, the last marked as the model's output."""
-        return [*self.layers[:-1], f"{self.layers[-1]} (output)"]
-
-    @property
     def tokens(self) -> list[str]:
         """Text of each shown input token."""
         return [self.token_text[i] for i in self.input_ids.tolist()]
@@ -197,9 +173,9 @@ class Trajectory:
         return self.target_logprob - self.anti_target_logprob
 
     def statistic(self, name: str) -> np.ndarray:
-        """[P, N] float64 values of a statistic in ``STATISTICS``; NaN where undefined."""
-        if name not in STATISTICS:
-            raise LensLabError(f"Unknown statistic {name!r}; pass --stat one of {', '.join(STATISTICS)}.")
+        """[P, N] float64 values of a statistic in ``STATISTIC_NAMES``; NaN where undefined."""
+        if name not in STATISTIC_NAMES:
+            raise LensLabError(f"Unknown statistic {name!r}; pass --stat one of {', '.join(STATISTIC_NAMES)}.")
         if name == "target" and self.target_logprob is None:
             raise LensLabError("The target statistic needs target tokens; pass --target TOKEN (and --anti-target).")
         values = {
@@ -254,20 +230,6 @@ def trajectories_to_dict(trajectories: Sequence[Trajectory]) -> dict[str, Any]:
         return trajectories[0].to_dict()
     lenses = {trajectory.lens_name: trajectory.to_dict() for trajectory in trajectories}
     return {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION, "lenses": lenses}
-
-
-def value_range(trajectories: Sequence[Trajectory], name: str) -> tuple[float, float]:
-    """One colour range for ``name`` across ``trajectories``, so several lenses share a scale."""
-    values = np.concatenate([t.statistic(name).ravel() for t in trajectories])
-    values = values[np.isfinite(values)]
-    if name == "prob":
-        return 0.0, 1.0
-    if name == "rank":
-        return 1.0, float(max(values.max(initial=1.0), 10.0))
-    if STATISTICS[name].diverging:
-        bound = float(np.abs(values).max(initial=0.0)) or 1.0
-        return -bound, bound
-    return 0.0, float(values.max(initial=0.0)) or 1.0
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Tensor:

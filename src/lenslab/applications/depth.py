@@ -31,8 +31,7 @@ from transformers import PreTrainedModel
 
 from lenslab.adapter import ModelView
 from lenslab.errors import LensLabError
-from lenslab.evaluate import row_chunks
-from lenslab.lenses import Lens, LogitLens
+from lenslab.lenses import Lens, LogitLens, row_chunks
 
 logger = logging.getLogger(__name__)
 

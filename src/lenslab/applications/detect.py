@@ -37,8 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from lenslab.adapter import ModelView
 from lenslab.applications.prompts import ChoicePrompt
 from lenslab.errors import LensLabError
-from lenslab.evaluate import row_chunks
-from lenslab.lenses import Lens
+from lenslab.lenses import Lens, row_chunks
 
 logger = logging.getLogger(__name__)
 

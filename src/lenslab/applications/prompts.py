@@ -16,8 +16,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lenslab.artifacts import atomic_write
 from lenslab.errors import LensLabError
+from lenslab.io import atomic_write
 
 LABELS = ("normal", "anomalous")
 """Values of the ``label`` field."""

@@ -29,12 +29,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lenslab.artifacts import atomic_write
 from lenslab.causal.ablation import ABLATIONS, Ablation
 from lenslab.causal.fast import FastConfig, fast_directions
 from lenslab.causal.influence import lens_influences
 from lenslab.causal.reference import MAX_EVALUATIONS, reference_directions
 from lenslab.errors import LensLabError
+from lenslab.io import atomic_write
 from lenslab.lenses import Lens
 
 METHODS: tuple[str, ...] = ("fast", "reference")

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from lenslab.causal.ablation import ablate_each
-from lenslab.evaluate import row_chunks
-from lenslab.lenses import Lens
+from lenslab.lenses import Lens, row_chunks
 
 MAX_LOGITS_PER_CHUNK = 2**24
 """Upper bound on logits held at once ([directions, tokens, vocab] elements) when evaluating influences."""

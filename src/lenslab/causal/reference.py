@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 from lenslab.causal.influence import influence_terms, lens_log_probs, token_chunks
-from lenslab.evaluate import row_chunks
-from lenslab.lenses import Lens
+from lenslab.lenses import Lens, row_chunks
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The `lenslab` command line: one subcommand per job, each in its own module of this package.
 
-Every subcommand module exposes `register(subparsers)`, which adds its parser and sets
-`run=<function taking the parsed namespace and returning an exit code>`. The CLI owns user-facing
-output; the library underneath only returns results and raises `LensLabError` for bad input. Output paths are
-checked before any model loads (`lenslab.cli.outputs`).
+Each subcommand is a `Command`: the specs its flags are generated from (`lenslab.cli.flags`) and a `run` that takes
+those specs, makes one library call and reports the result: a table, a two-line reading, the files it wrote. The
+library underneath only returns results and raises `LensLabError` for bad input. Output paths are checked before
+any model loads (`lenslab.cli.outputs`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import os
 import sys
 
 from lenslab import __version__
+from lenslab.cli.flags import Command
 from lenslab.errors import LensLabError
 
-# Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS: list[str] = ["train", "eval", "show", "detect", "depth", "transfer", "cbe", "example-model"]
-
+# Subcommand modules, in the order `--help` lists them; each holds `COMMANDS`.
+MODULES = ["train", "eval", "show", "detect", "depth", "transfer", "cbe", "example_model"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,9 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lenslab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        importlib.import_module(f"lenslab.cli.{name.replace('-', '_')}").register(subparsers)
+    for command in commands():
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.description)
+        for spec in command.specs:
+            spec.add_to(sub)
+        sub.set_defaults(command_=command)
     return parser
+
+
+def commands() -> list[Command]:
+    return [command for module in MODULES for command in importlib.import_module(f"lenslab.cli.{module}").COMMANDS]
+
+
+SUBCOMMANDS: list[str] = [command.name for command in commands()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    command: Command = args.command_
     try:
-        return int(args.run(args) or 0)
+        return int(command.run(*(spec.build(args) for spec in command.specs)) or 0)
     except LensLabError as error:
         print(f"lenslab {args.command}: error: {error}", file=sys.stderr)
         return 2

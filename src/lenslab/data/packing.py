@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lenslab.adapter import context_length
+from lenslab.architectures import context_length
 from lenslab.data.sources import DataSpec, iter_texts
 from lenslab.errors import LensLabError
 

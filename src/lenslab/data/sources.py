@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lenslab.adapter import context_length, execution_device
+from lenslab.adapter import execution_device
+from lenslab.architectures import context_length
 from lenslab.errors import LensLabError
 
 log = logging.getLogger(__name__)

@@ -5,12 +5,16 @@ Drawn on a bare ``matplotlib.figure.Figure`` (no pyplot, no display) and written
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
 from lenslab.applications.depth import DepthResult
+from lenslab.plots.palette import MODEL_COLOR, kind_color, save_png, short_model_name
 
 
 def print_depth_table(result: DepthResult, *, lens_kind: str, console: Console | None = None) -> None:
@@ -33,26 +37,45 @@ def print_depth_table(result: DepthResult, *, lens_kind: str, console: Console |
     (console or Console()).print(table)
 
 
-def plot_depth_histogram(result: DepthResult, path: Path, *, title: str) -> Path:
-    """Write a bar chart of tokens per prediction depth, with the mean loss per depth on a second axis."""
-    from matplotlib.figure import Figure
+def plot_depth_histogram(result: DepthResult, path: str | Path, *, model: str, lens_kind: str) -> Path:
+    """Write ``depth_figure`` to the PNG at ``path``; returns the path."""
+    return save_png(depth_figure(result, model=model, lens_kind=lens_kind), path)
 
-    from lenslab.artifacts import atomic_write
 
+def depth_figure(result: DepthResult, *, model: str, lens_kind: str) -> Figure:
+    """A bar chart of tokens per prediction depth, with the mean loss per depth (± one standard error) on a second
+    axis that starts at zero."""
     summary = result.by_depth()
     depths = range(result.num_layers + 1)
+    color = kind_color(lens_kind)
     figure = Figure(figsize=(6.5, 4), layout="constrained")
     axes = figure.subplots()
-    axes.bar(depths, summary.counts, color="tab:blue", alpha=0.7)
+    axes.bar(depths, summary.counts, color=color, alpha=0.75)
     axes.set_xlabel("prediction depth (layer; 0 = embeddings)")
-    axes.set_ylabel("tokens", color="tab:blue")
+    axes.set_ylabel(f"tokens ({lens_kind} lens)", color=color)
     axes.set_xticks(list(depths))
     loss_axes = axes.twinx()
-    loss_axes.plot(depths, summary.mean_loss, color="tab:red", marker="o")
-    loss_axes.set_ylabel("mean loss (nats)", color="tab:red")
-    axes.set_title(f"{title}\nSpearman(depth, loss) = {_format(result.spearman_depth_loss)}")
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=150))
-    return path
+    loss_axes.errorbar(depths, summary.mean_loss, yerr=standard_errors(result), color=MODEL_COLOR, marker="o",
+                       capsize=3, label="mean loss ± 1 s.e.")  # fmt: skip
+    loss_axes.set_ylim(bottom=0)
+    loss_axes.set_ylabel("model's mean loss (nats), from 0")
+    loss_axes.legend(loc="upper right", fontsize="small")
+    axes.set_title(
+        f"{short_model_name(model)}: prediction depth by the {lens_kind} lens, {result.depths.numel():,} tokens\n"
+        f"Spearman(depth, loss) = {_format(result.spearman_depth_loss)}",
+        fontsize="medium",
+    )  # fmt: skip
+    return figure
+
+
+def standard_errors(result: DepthResult) -> list[float]:
+    """Standard error of the mean loss at each depth 0..L: NaN where a depth has fewer than two tokens."""
+    depths, losses = result.depths.flatten().numpy(), result.losses.flatten().double().numpy()
+    errors = []
+    for depth in range(result.num_layers + 1):
+        chosen = losses[depths == depth]
+        errors.append(float(chosen.std(ddof=1) / np.sqrt(len(chosen))) if len(chosen) > 1 else math.nan)
+    return errors
 
 
 def _format(value: float | None) -> str:

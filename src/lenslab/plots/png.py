@@ -1,125 +1,133 @@
-"""Static PNG picture of prediction trajectories (matplotlib), the grid of the HTML view for papers.
+"""Static PNG picture of prediction trajectories (matplotlib), the grid of ``lenslab.plots.grid`` sized for a page.
 
-One panel per lens, side by side with one colour bar: lens positions as rows (the model's output at
-the top), input tokens along the bottom, the true next token along the top (green with ✓ where the
-model's own top-1 prediction is right), and each cell's most likely next token written in it.
+The figure is at most ``PAGE_INCHES`` wide: a long prompt wraps into bands of ``tokens_per_band`` columns, each
+band showing every lens, one under the other, on one colour scale whose key runs along the bottom.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps, colors, font_manager, rc_context
+from matplotlib import colormaps, font_manager, rc_context
 from matplotlib.figure import Figure
 
-from lenslab.artifacts import atomic_write
 from lenslab.errors import LensLabError
-from lenslab.tokens import visible
-from lenslab.trajectory import STATISTICS, Trajectory, value_range
+from lenslab.plots.grid import (
+    CELL_TEXT, CORRECT_COLOR, CORRECT_MARK, MISSED_COLOR, NEXT_LABEL, fit, model_is_right, panel_title, row_labels,
+    token_bands,
+)  # fmt: skip
+from lenslab.plots.palette import DPI, kind_color, save_png, short_model_name
+from lenslab.plots.scales import STATISTICS, color_norm, is_dark, statistic_label, value_range
+from lenslab.trajectory import Trajectory
 
-CELL_INCHES = (0.62, 0.3)
+PAGE_INCHES = 7.5
+"""Widest figure: a page's text width, so that a paper shows it at about its drawn size."""
+CELL_INCHES = (0.56, 0.24)
 """Width and height of one cell."""
-MARGIN_INCHES = (3.5, 2.8)
-"""Width and height of the labels, titles and colour bar around the cells."""
+LABEL_INCHES = 1.3
+"""Width of the row labels left of the cells."""
+PANEL_INCHES = 0.75
+"""Height of a panel's title, its token labels above and below and the space to the next panel."""
+FRAME_INCHES = 1.4
+"""Height of the figure's title, legend and colour key."""
+CELL_CHARS = 8
+"""Longest token text shown in a cell or a column label; longer ones end in …."""
 MAX_PIXELS = 2**16
-"""Matplotlib refuses images this wide or wider."""
-CORRECT_COLOR = "#1a7f37"
-MISSED_COLOR = "#57606a"
+"""Matplotlib refuses images this large or larger in either direction."""
 # Fonts tried after DejaVu Sans for glyphs it lacks (CJK, ...); only installed ones are used.
 FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "Droid Sans Fallback", "Noto Sans")
 
 
-def color_norm(stat: str, value_range: tuple[float, float]) -> colors.Normalize:
-    """The matplotlib normalisation of ``stat`` over ``value_range`` (log for ranks, centred for scores)."""
-    low, high = value_range
-    statistic = STATISTICS[stat]
-    if statistic.log_scale:
-        return colors.LogNorm(vmin=max(low, 1.0), vmax=high)
-    if statistic.diverging:
-        return colors.TwoSlopeNorm(vcenter=0.0, vmin=low, vmax=high)
-    return colors.Normalize(vmin=low, vmax=high)
-
-
-def is_dark(rgba: Sequence[float]) -> bool:
-    """Whether text on this background should be white: relative luminance below one half, and opaque
-    (the colour map's transparent "bad" colour over an undefined cell shows the white page)."""
-    red, green, blue, alpha = rgba
-    return alpha > 0 and 0.2126 * red + 0.7152 * green + 0.0722 * blue < 0.5
+def tokens_per_band() -> int:
+    """Token columns that fit across a page."""
+    return int((PAGE_INCHES - LABEL_INCHES) / CELL_INCHES[0])
 
 
 def size_inches(trajectories: Sequence[Trajectory]) -> tuple[float, float]:
-    """Width and height of the figure: a cell per lens position and token, plus room for labels."""
+    """Width and height of the figure: each band's panels (one per lens) stacked, plus title and colour key."""
     n_positions, n_tokens = trajectories[0].entropy.shape
+    panels = len(trajectories) * math.ceil(n_tokens / tokens_per_band())
     return (
-        len(trajectories) * n_tokens * CELL_INCHES[0] + MARGIN_INCHES[0],
-        n_positions * CELL_INCHES[1] + MARGIN_INCHES[1],
+        LABEL_INCHES + min(n_tokens, tokens_per_band()) * CELL_INCHES[0],
+        panels * (n_positions * CELL_INCHES[1] + PANEL_INCHES) + FRAME_INCHES,
     )
 
 
 def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> Figure:
     """A matplotlib Figure (no pyplot state) of ``trajectories`` coloured by ``stat``."""
-    statistic = STATISTICS[stat]
     norm = color_norm(stat, value_range(trajectories, stat))
-    cmap = colormaps[statistic.colormap]
-    n_positions, n_tokens = trajectories[0].entropy.shape
+    cmap = colormaps[STATISTICS[stat].colormap]
+    first = trajectories[0]
+    bands = token_bands(first.entropy.shape[1], tokens_per_band())
     fig = Figure(figsize=size_inches(trajectories), layout="constrained")
-    axes = fig.subplots(1, len(trajectories), sharey=True, squeeze=False)[0]
+    # Every panel as wide as a full band, so a column sits at the same place in every band.
+    axes = fig.subplots(len(bands) * len(trajectories), 1, squeeze=False)[:, 0]
     with _fonts():
-        for ax, trajectory in zip(axes, trajectories):
-            values = np.ma.masked_invalid(trajectory.statistic(stat))
-            image = ax.imshow(values, cmap=cmap, norm=norm, origin="lower", aspect="auto", interpolation="nearest")
-            _write_cells(ax, trajectory, cmap(norm(values)))
-            ax.set_xticks(range(n_tokens), [visible(t) for t in trajectory.tokens], rotation=60, ha="right",
-                          rotation_mode="anchor", fontsize=8)  # fmt: skip
-            ax.set_yticks(range(n_positions), trajectory.row_labels, fontsize=8)
-            ax.set_title(f"{trajectory.lens_name} lens", fontsize=10)
-            _next_token_axis(ax, trajectory)
-        fig.colorbar(image, ax=list(axes), label=statistic.label, fraction=0.02 if len(axes) > 1 else 0.05)
-        fig.suptitle(f"{trajectories[0].model_name}: {statistic.label}", fontsize=10)
+        for b, band in enumerate(bands):
+            for i, trajectory in enumerate(trajectories):
+                ax = axes[b * len(trajectories) + i]
+                values = np.ma.masked_invalid(trajectory.statistic(stat)[:, band.start : band.stop])
+                image = ax.imshow(values, cmap=cmap, norm=norm, origin="lower", aspect="auto", interpolation="nearest")
+                ax.set_xlim(-0.5, len(bands[0]) - 0.5)
+                _write_cells(ax, trajectory, band, cmap(norm(values)))
+                ax.set_xticks(range(len(band)), [fit(trajectory.tokens[t], CELL_CHARS) for t in band], fontsize=6.5)
+                ax.set_yticks(range(trajectory.num_positions), row_labels(trajectory), fontsize=7)
+                ax.tick_params(length=0)
+                ax.set_title(panel_title(trajectory, band, len(bands)), fontsize=8, loc="left",
+                             color=kind_color(trajectory.lens_name), fontweight="bold")  # fmt: skip
+                next_axis = _next_token_axis(ax, trajectory, band)
+                if ax is axes[0]:
+                    next_axis.set_xlabel(NEXT_LABEL, fontsize=7)
+        fig.colorbar(image, ax=list(axes), location="bottom", label=statistic_label(first, stat), shrink=0.6,
+                     aspect=40, pad=0.01)  # fmt: skip
+        axes[-1].set_xlabel("input token", fontsize=7)
+        fig.supylabel("lens position", fontsize=8)
+        fig.suptitle(f"{short_model_name(first.model_name)}: {statistic_label(first, stat)} ({CELL_TEXT})", fontsize=9)
     return fig
 
 
-def write_png(trajectories: Sequence[Trajectory], path: str | Path, stat: str = "entropy", dpi: int = 150) -> Path:
+def write_png(trajectories: Sequence[Trajectory], path: str | Path, stat: str = "entropy", dpi: int = DPI) -> Path:
     """Write the figure to ``path`` atomically as PNG; returns the path."""
-    path = Path(path)
-    width = size_inches(trajectories)[0] * dpi
-    if width >= MAX_PIXELS:
-        n_tokens = trajectories[0].entropy.shape[1]
-        fitting = int((MAX_PIXELS / dpi - MARGIN_INCHES[0]) / (len(trajectories) * CELL_INCHES[0]))
+    height = size_inches(trajectories)[1] * dpi
+    if height >= MAX_PIXELS:
+        n_positions, n_tokens = trajectories[0].entropy.shape
+        band_inches = len(trajectories) * (n_positions * CELL_INCHES[1] + PANEL_INCHES)
+        fitting = int((MAX_PIXELS / dpi - FRAME_INCHES) / band_inches) * tokens_per_band()
         raise LensLabError(
-            f"A PNG of {n_tokens} tokens would be {width:,.0f} pixels wide, more than matplotlib draws "
+            f"A PNG of {n_tokens} tokens would be {height:,.0f} pixels tall, more than matplotlib draws "
             f"({MAX_PIXELS:,}); pass --positions START:END with at most {fitting} tokens, or write .html."
         )
-    fig = figure(trajectories, stat)
-    atomic_write(path, lambda temporary: fig.savefig(temporary, format="png", dpi=dpi))
-    return path
+    return save_png(figure(trajectories, stat), path, dpi)
 
 
-def _write_cells(ax, trajectory: Trajectory, backgrounds: np.ndarray) -> None:
+def _write_cells(ax, trajectory: Trajectory, band: range, backgrounds: np.ndarray) -> None:
     """Each cell's top-1 token, white on dark backgrounds and black on light ones."""
-    for (p, t), token_id in np.ndenumerate(trajectory.top_k_ids[:, :, 0].numpy()):
+    top1 = trajectory.top_k_ids[:, band.start : band.stop, 0].numpy()
+    for (p, t), token_id in np.ndenumerate(top1):
         color = "white" if is_dark(backgrounds[p, t]) else "black"
-        ax.text(t, p, visible(trajectory.token_text[int(token_id)]), ha="center", va="center", fontsize=6.5,
+        ax.text(t, p, fit(trajectory.token_text[int(token_id)], CELL_CHARS), ha="center", va="center", fontsize=5.5,
                 color=color, clip_on=True)  # fmt: skip
 
 
-def _next_token_axis(ax, trajectory: Trajectory) -> None:
-    """Top axis: the true next token above each column, green with ✓ where the model's top-1 is right."""
-    output_top1 = trajectory.top_k_ids[-1, :, 0].tolist()
-    next_ids = trajectory.next_ids.tolist()
+def _next_token_axis(ax, trajectory: Trajectory, band: range):
+    """Top axis: the true next token above each column, green and bold with ✓ where the model's top-1 is right."""
+    right = model_is_right(trajectory)[band.start : band.stop]
+    next_ids = trajectory.next_ids[band.start : band.stop].tolist()
     labels = [
-        "" if n < 0 else ("✓" if n == top1 else "") + visible(trajectory.token_text[n])
-        for n, top1 in zip(next_ids, output_top1)
+        "" if n < 0 else (CORRECT_MARK if correct else "") + fit(trajectory.token_text[n], CELL_CHARS)
+        for n, correct in zip(next_ids, right)
     ]
     top = ax.secondary_xaxis("top")
-    top.set_xticks(range(len(labels)), labels, rotation=60, ha="left", rotation_mode="anchor", fontsize=8)
-    for tick_label, n, top1 in zip(top.get_xticklabels(), next_ids, output_top1):
-        correct = n >= 0 and n == top1
+    top.set_xticks(range(len(labels)), labels, fontsize=6.5)
+    top.tick_params(length=0)
+    for tick_label, correct in zip(top.get_xticklabels(), right):
         tick_label.set_color(CORRECT_COLOR if correct else MISSED_COLOR)
         tick_label.set_fontweight("bold" if correct else "normal")
+    return top
 
 
 @cache

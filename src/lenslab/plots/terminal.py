@@ -1,9 +1,8 @@
 """Terminal view of prediction trajectories (rich), for a quick look over SSH.
 
-The same grid as the pictures: lens positions as rows (the model's output at the top), input tokens as
-columns, each cell's top-1 token on a background coloured by the statistic. A header row gives the true
-next token, ✓ where the model's own top-1 prediction is right. Prompts wider than the terminal are cut
-into several tables of consecutive columns.
+The grid of ``lenslab.plots.grid``, each cell's top-1 token on a background coloured by the statistic, with a
+header row of the true next tokens. Prompts wider than the terminal are cut into several tables of consecutive
+columns; the last table's caption is the legend: the colour key and what the ✓ and the cell texts mean.
 """
 
 from __future__ import annotations
@@ -15,30 +14,48 @@ from matplotlib import colormaps, colors
 from rich.table import Table
 from rich.text import Text
 
-from lenslab.plots.png import color_norm, is_dark
-from lenslab.tokens import visible
-from lenslab.trajectory import STATISTICS, Trajectory, value_range
+from lenslab.plots.grid import CELL_TEXT, CORRECT_MARK, NEXT_LABEL, fit, model_is_right, row_labels, token_bands
+from lenslab.plots.scales import STATISTICS, color_norm, is_dark, statistic_label, value_range
+from lenslab.trajectory import Trajectory
 
 CELL_CHARS = 8
 """Longest token text shown in a cell; longer ones end in …."""
+KEY_STEPS = 8
+"""Colour swatches in the legend's colour key."""
 
 
 def tables(trajectories: Sequence[Trajectory], stat: str = "entropy", width: int = 120) -> list[Table]:
     """Rich tables for ``trajectories`` coloured by ``stat``, each at most about ``width`` characters wide."""
-    statistic = STATISTICS[stat]
-    norm = color_norm(stat, value_range(trajectories, stat))
-    cmap = colormaps[statistic.colormap]
-    label_width = max(len(label) for label in trajectories[0].row_labels)
+    value_span = value_range(trajectories, stat)
+    norm = color_norm(stat, value_span)
+    cmap = colormaps[STATISTICS[stat].colormap]
+    label = statistic_label(trajectories[0], stat)
+    label_width = max(len(row) for row in row_labels(trajectories[0]))
     # Each column takes its cell text plus rich's padding and border (3 characters).
     per_table = max(1, (width - label_width - 4) // (CELL_CHARS + 3))
-    n_tokens = trajectories[0].entropy.shape[1]
     result = []
     for trajectory in trajectories:
         backgrounds = cmap(norm(trajectory.statistic(stat)))  # [P, N, 4]; undefined cells transparent
-        for first in range(0, n_tokens, per_table):
-            columns = range(first, min(first + per_table, n_tokens))
-            result.append(_table(trajectory, statistic.label, columns, backgrounds))
+        for columns in token_bands(trajectory.entropy.shape[1], per_table):
+            result.append(_table(trajectory, label, columns, backgrounds))
+    result[-1].caption = legend(label, norm, cmap, value_span)
     return result
+
+
+def legend(label: str, norm: colors.Normalize, cmap: colors.Colormap, value_span: tuple[float, float]) -> Text:
+    """Two lines: the colour key from the lowest to the highest value, then what the ✓ and the cells mean."""
+    low, high = value_span
+    # Swatches evenly spaced in the colour map, so a log or centred scale reads the same as in the pictures.
+    swatches = cmap(np.linspace(0.0, 1.0, KEY_STEPS))
+    key = Text(f"colour = {label}: {_number(low)} ")
+    for rgba in swatches:
+        key.append("  ", style=f"on {colors.to_hex(rgba[:3])}")
+    key.append(f" {_number(high)}\nnext: {NEXT_LABEL}; {CELL_TEXT}")
+    return key
+
+
+def _number(value: float) -> str:
+    return f"{value:,.3g}"
 
 
 def _table(trajectory: Trajectory, stat_label: str, columns: range, backgrounds: np.ndarray) -> Table:
@@ -47,35 +64,33 @@ def _table(trajectory: Trajectory, stat_label: str, columns: range, backgrounds:
     table = Table(
         title=f"{trajectory.lens_name} lens, tokens {start + columns.start}-{start + columns.stop - 1}: "
         f"colour = {stat_label}",
-        show_lines=False, pad_edge=False, collapse_padding=True,
+        show_lines=False, pad_edge=False, collapse_padding=True, caption_justify="left",
     )  # fmt: skip
     table.add_column("", justify="right", no_wrap=True)
     tokens = trajectory.tokens
     for t in columns:
-        table.add_column(_fit(tokens[t]), justify="center", no_wrap=True, min_width=CELL_CHARS, max_width=CELL_CHARS)
-    output_top1 = trajectory.top_k_ids[-1, :, 0].tolist()
+        table.add_column(fit(tokens[t], CELL_CHARS), justify="center", no_wrap=True, min_width=CELL_CHARS,
+                         max_width=CELL_CHARS)  # fmt: skip
+    right = model_is_right(trajectory)
     next_row = [Text("next", style="italic")]
     for t in columns:
         next_id = int(trajectory.next_ids[t])
-        if next_id < 0:
+        if right[t] is None:
             next_row.append(Text(""))
-        elif next_id == output_top1[t]:
-            next_row.append(Text("✓" + _fit(trajectory.token_text[next_id], CELL_CHARS - 1), style="bold green"))
+        elif right[t]:
+            shown = fit(trajectory.token_text[next_id], CELL_CHARS - 1)
+            next_row.append(Text(CORRECT_MARK + shown, style="bold green"))
         else:
-            next_row.append(Text(_fit(trajectory.token_text[next_id]), style="dim"))
+            next_row.append(Text(fit(trajectory.token_text[next_id], CELL_CHARS), style="dim"))
     table.add_row(*next_row, end_section=True)
     top1 = trajectory.top_k_ids[:, :, 0].tolist()
+    labels = row_labels(trajectory)
     for p in reversed(range(trajectory.num_positions)):
-        cells = [Text(trajectory.row_labels[p])]
+        cells = [Text(labels[p])]
         for t in columns:
-            cells.append(Text(_fit(trajectory.token_text[top1[p][t]]), style=_style(backgrounds[p, t])))
+            cells.append(Text(fit(trajectory.token_text[top1[p][t]], CELL_CHARS), style=_style(backgrounds[p, t])))
         table.add_row(*cells)
     return table
-
-
-def _fit(text: str, limit: int = CELL_CHARS) -> str:
-    shown = visible(text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def _style(rgba: np.ndarray) -> str:

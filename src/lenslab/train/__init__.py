@@ -7,11 +7,13 @@ The package follows the pieces of a run, each readable alone:
     closed_form.py   the fast recipe's start: each translator fitted by ridge least squares, shrunk toward the
                      identity where held-out tokens decode better with less of it
     objective.py     KL(p_final || p_lens) summed over positions, back-propagated one position at a time or
-                     through chunked_kl.py: all positions at once, the vocabulary in chunks of tokens, bfloat16
+                     through chunked_kl.py: all positions at once, the vocabulary in chunks of tokens, bfloat16,
+                     through the model's own head as the adapter exposes it (native_kl.py: its CPU kernel)
     whitened_sgd.py  the fast recipe's optimiser: SGD on gradients whitened by the closed-form statistics
     recipes.py       start, objective, optimiser, learning-rate schedule and update (pluggable: RECIPES)
     distributed.py   torchrun data parallelism: each process a share of every step, gradients averaged
     checkpoints.py   what the output directory holds, resume and refusal to overwrite
+    stopping.py      what stops a run early: divergence, SIGINT and SIGTERM
     loop.py          train_lens, tying them together
 
 >>> from lenslab import load_model, ModelView                         # doctest: +SKIP

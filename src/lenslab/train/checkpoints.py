@@ -6,7 +6,7 @@
     DIR/lenslab-run.json                       the paths above that the run owns (`RUN_PATHS`), written first
     DIR/.lenslab-train.lock                    locked while a run trains here; holds its process id
 
-Every file is written atomically (`lenslab.artifacts.atomic_write`), so a killed run leaves the previous good
+Every file is written atomically (`lenslab.io.atomic_write`), so a killed run leaves the previous good
 checkpoint whole. Which batches come next is a function of (seed, step), so the step is the whole data position.
 
 lenslab never replaces or deletes a file it did not write (`own_output`): a non-empty directory without the run
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,11 +31,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from lenslab import __version__
-from lenslab.artifacts import CONFIG_FILE, FORMAT_NAME, PARAMS_BACKUP, PARAMS_FILE, atomic_write, atomic_write_json
+from lenslab.adapter import ModelView
+from lenslab.artifacts import CONFIG_FILE, FORMAT_NAME, PARAMS_BACKUP, PARAMS_FILE
+from lenslab.compatibility import unembed_fingerprint
 from lenslab.errors import LensLabError
+from lenslab.io import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,7 @@ class Checkpoint:
     step: int
     """Steps completed; the next step to run."""
     fingerprint: dict[str, Any]
-    """The run's fingerprint (see `lenslab.train.loop.run_fingerprint`), JSON-normalised."""
+    """The run's fingerprint (`run_fingerprint`), JSON-normalised."""
     lens: dict[str, torch.Tensor]
     """The lens's state dict."""
     optimizer: dict[str, Any]
@@ -71,6 +76,24 @@ class Checkpoint:
     init_shrinkage: list[float] | None = None
     """The closed-form start's shrinkage per lens position (`TrainResult.init_shrinkage`), for the finished lens's
     metadata: a resumed run does not fit the start again."""
+
+
+def run_fingerprint(view: ModelView, tokens: torch.Tensor, settings: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's lens (JSON-ready): its `settings` (e.g. `TrainConfig.fingerprint()`), the data
+    (tokens: [sequences, seq_len]) and the model."""
+    data = np.ascontiguousarray(tokens.cpu().numpy())
+    sample = unembed_fingerprint(view.unembedding_weight())["sample"]
+    return normalise(
+        {
+            "config": settings,
+            "data": {"shape": list(tokens.shape), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()},
+            "model": {
+                "name": view.model.config.name_or_path or type(view.model).__name__,
+                "dtype": str(view.dtype).removeprefix("torch."),
+                "unembed_sample": [round(value, 6) for value in sample],
+            },
+        }
+    )
 
 
 def normalise(data: Any) -> Any:

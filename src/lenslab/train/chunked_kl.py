@@ -2,11 +2,19 @@
 
 The plain objective (`lenslab.train.objective`) builds each lens position's [batch, seq, vocab] logits and lets
 autograd keep several tensors of that size for the backward. Here the head's last, widest step (the unembedding,
-with any logit scale and softcap) runs inside one `torch.autograd.Function` that walks the tokens in chunks: for
+then the head's logit transform) runs inside one `torch.autograd.Function` that walks the tokens in chunks: for
 each chunk it computes the target distribution, every position's lens logits, their KL, and the gradient of the KL
 with respect to the unembedding's *input* (the gradient of KL(p || softmax(q)) with respect to q is
 softmax(q) - p, which is multiplied by the unembedding weight). Only [positions, chunk, vocab] logits are alive at
 any time, and the backward is a multiplication by the stored [positions, tokens, d_unembed] gradient.
+
+The head is the model's own, read through its `ModelView` piece by piece, never re-implemented:
+`ModelView.head_input` (final norm, project_out) runs under autograd before this function, the unembedding's weight
+and bias come from the view, and the logits are the view's `transform_logits` of the unembedding's output, so that
+training decodes exactly as evaluation does (`ModelView.decode`), whatever transforms the adapter knows. Where that
+transform is a multiplication (`ModelView.logit_multiplier`: no transform, or a logit scale) the factor is applied
+in place and differentiated by hand; any other transform (a softcap) is applied to each chunk as it is, and
+differentiated by autograd, chunk by chunk.
 
 The target's logits are computed here from the last residual (the model's own head, in float32) rather than
 taken from the model's output, so the model's [batch, seq, vocab] logits need not exist at all.
@@ -17,9 +25,10 @@ approaches the target, so that even a KL of 1e-7 nats keeps its relative precisi
 
 On CPU the element-wise part (the KL and softmax(q) - p of every row) runs in a small compiled kernel
 (`lenslab.train.native_kl`), one pass per row in cache instead of one pass over the whole chunk per PyTorch
-operation; where it is unavailable, and for softcapped heads, PyTorch operations compute the same. Every
-[.., vocab] tensor lives in buffers allocated once per call and reused by every chunk: a fresh allocation of a
-chunk's size costs page faults on CPU each time.
+operation; where it is unavailable, and for heads whose transform is not a multiplication (softcapped heads),
+PyTorch operations compute the same. Every [.., vocab] tensor of a multiplying head lives in buffers allocated once
+per call and reused by every chunk: a fresh allocation of a chunk's size costs page faults on CPU each time. (Other
+transforms allocate their own results and autograd's, chunk by chunk.)
 
 `low_precision` runs both vocabulary-wide matrix products in bfloat16 (which CPUs with AMX and all recent GPUs
 multiply several times faster than float32) without rounding the logits themselves: only the gap is rounded, so
@@ -29,6 +38,8 @@ never the two probabilities separately.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -44,18 +55,6 @@ CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
 Austen model's 8,192-token vocabulary, chunks of 128 to 2,048 rows ran alike (within the machine's noise) and 64
 rows about 1.8 x slower. A GPU gets larger chunks because each chunk launches about a dozen kernels, whose fixed
 cost would dominate 16 MiB of work (not measured: no GPU was available)."""
-
-
-def head_input(view: ModelView, h: Tensor) -> Tensor:
-    """What the unembedding reads: the final norm and `project_out` applied to `h`.
-
-    h: [..., d_model] -> [..., d_unembed]. The first half of `ModelView.decode`; `chunked_kl` does the rest.
-    """
-    if view.final_norm is not None:
-        h = view.final_norm(h)
-    if view.project_out is not None:
-        h = view.project_out(h)
-    return h
 
 
 def supports_chunked_kl(view: ModelView) -> bool:
@@ -77,16 +76,16 @@ def native_bf16(device: torch.device) -> bool:
 def chunked_kl(view: ModelView, z_lens: Tensor, z_final: Tensor, *, low_precision: bool = False) -> Tensor:
     """Per-position sums over tokens of KL(p_final || p_lens) in nats: [positions]; differentiable in `z_lens`.
 
-    z_lens: [positions, tokens, d_unembed] the unembedding's input for each lens position (`head_input` of the
-    translated residuals); z_final: [tokens, d_unembed] the same for the last residual, whose decoding is p_final
-    (treated as a constant).
+    z_lens: [positions, tokens, d_unembed] the unembedding's input for each lens position (`ModelView.head_input`
+    of the translated residuals); z_final: [tokens, d_unembed] the same for the last residual, whose decoding is
+    p_final (treated as a constant). The rest of the head is `view`'s: its unembedding, then `transform_logits`.
     """
     # The adapter reads the weights even where a device map offloads the head (its module then holds a meta tensor),
     # and the inputs may come from a final norm on another device.
     weight, bias = view.unembedding_weight(), view.unembedding_bias()
     return _ChunkedKL.apply(
-        z_lens.to(weight.device), z_final.detach().to(weight.device), weight, bias, view.logit_scale,
-        view.logit_softcap, low_precision,
+        z_lens.to(weight.device), z_final.detach().to(weight.device), weight, bias, view.transform_logits,
+        view.logit_multiplier, low_precision,
     )  # fmt: skip
 
 
@@ -115,8 +114,8 @@ def _kl_and_logit_grad(gap: Tensor, target_log_probs: Tensor, target: Tensor) ->
 
 class _ChunkedKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z_lens, z_final, weight, bias, logit_scale, softcap, low_precision):
-        head = _Head(weight, bias, 1.0 if logit_scale is None else float(logit_scale), softcap, low_precision)
+    def forward(ctx, z_lens, z_final, weight, bias, transform, multiplier, low_precision):
+        head = _Head(weight, bias, transform, multiplier, low_precision)
         sums, grad = head.kl_and_grad(z_lens, z_final)
         ctx.save_for_backward(grad)
         ctx.input_dtype = z_lens.dtype
@@ -130,15 +129,24 @@ class _ChunkedKL(torch.autograd.Function):
 
 
 class _Head:
-    """The unembedding (with its logit scale and softcap) and the chunk loop of `_ChunkedKL.forward`."""
+    """The unembedding and the head's logit transform, and the chunk loop of `_ChunkedKL.forward`."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None, low_precision: bool):
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        transform: Callable[[Tensor], Tensor],
+        multiplier: float | None,
+        low_precision: bool,
+    ):
         self.weight32 = weight.float()  # [vocab, d]
         self.bias32 = None if bias is None else bias.float()
         self.matmul_dtype = LOW_PRECISION_DTYPE if low_precision else torch.float32
         self.matmul_weight = weight.to(self.matmul_dtype)
-        self.scale = scale
-        self.softcap = softcap
+        self.transform = transform
+        """`ModelView.transform_logits`: the head's logits from the unembedding's output, [..., vocab]."""
+        self.multiplier = multiplier
+        """`ModelView.logit_multiplier`: c when `transform` multiplies by c, else None."""
 
     def kl_and_grad(self, z_lens: Tensor, z_final: Tensor) -> tuple[Tensor, Tensor]:
         """Per-position KL sums [P] and the gradient of each with respect to z_lens: [P, tokens, d] float32."""
@@ -147,9 +155,10 @@ class _Head:
         device = z_lens.device
         chunk = max(1, min(tokens, chunk_tokens(positions, vocab, device)))  # at least 1, even for no tokens
         # The kernel assumes finite inputs (-ffast-math); a diverged lens takes the PyTorch path, which reports it.
-        # (A sum is finite only if every term is; one that overflows merely takes the slower path.)
+        # (A sum is finite only if every term is; one that overflows merely takes the slower path.) It knows only
+        # a logit multiplier, so other transforms take the PyTorch path too.
         kernel = None
-        if device.type == "cpu" and self.softcap is None and bool((z_lens.sum() + z_final.sum()).isfinite()):
+        if device.type == "cpu" and self.multiplier is not None and bool((z_lens.sum() + z_final.sum()).isfinite()):
             kernel = native_kl()
         floats = {"dtype": torch.float32, "device": device}
         target_buffer = torch.empty(3, chunk, vocab, **floats)  # logits, log-probabilities, probabilities
@@ -172,54 +181,58 @@ class _Head:
             difference = (z_lens[:, start : start + n].float() - final).to(self.matmul_dtype).flatten(0, 1)
             gap = torch.mm(difference, self.matmul_weight.T, out=products[:rows])  # [P * c, vocab]
             if kernel is not None:
-                kernel(gap, log_p, p, gap, row_kl[:rows], self.scale)  # the gradient's factor replaces the gap
+                kernel(gap, log_p, p, gap, row_kl[:rows], self.multiplier)  # the gradient's factor replaces the gap
                 kl = row_kl[:rows].view(positions, n)
             else:
                 work = logits[:rows].view(positions, n, vocab)
                 if low:
                     work.view_as(gap).copy_(gap)
-                kl = self._eager_kl(work, target_logits, raw_target, log_p, p)
+                if raw_target is None:
+                    kl = self._multiplied_kl(work, log_p, p)
+                else:
+                    kl = self._transformed_kl(work, raw_target, target_logits, log_p, p)
                 if low:
                     gap.copy_(work.view_as(gap))
             sums += kl.sum(-1)
             grad[:, start : start + n] = (gap @ self.matmul_weight).view(positions, n, width)
         return sums, grad
 
-    def _target_logits(self, final: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-        """The target's logits [c, vocab] from its head inputs `final` [c, d], and the unembedding's raw output
-        (the same tensor unless the head has a softcap, whose derivative needs both)."""
+    def _target_logits(self, final: Tensor, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The target's logits [c, vocab] from its head inputs `final` [c, d], written into `out` when the transform
+        is a multiplication; and the unembedding's raw output, which the other transforms need besides (else None).
+        """
         raw = torch.mm(final, self.weight32.T, out=out)
         if self.bias32 is not None:
             raw.add_(self.bias32)
-        logits, _ = self._cap(raw.clone() if self.softcap is not None else raw)
-        return logits, raw
+        if self.multiplier is None:
+            return self.transform(raw), raw
+        return (raw.mul_(self.multiplier) if self.multiplier != 1 else raw), None
 
-    def _eager_kl(self, work: Tensor, target_logits: Tensor, raw_target: Tensor, log_p: Tensor, p: Tensor) -> Tensor:
-        """KL per (position, token) [P, c] with PyTorch operations.
+    def _multiplied_kl(self, work: Tensor, log_p: Tensor, p: Tensor) -> Tensor:
+        """KL per (position, token) [P, c] with PyTorch operations, for a transform that multiplies by `multiplier`.
 
         work: [P, c, vocab] float32 unembedding outputs of the lens minus the target's, replaced by the gradient of
-        the KL with respect to them; target_logits, raw_target: the target's logits and the unembedding's raw
-        output (`_target_logits`); log_p, p: [c, vocab] the target's log-probabilities and probabilities.
+        the KL with respect to them; log_p, p: [c, vocab] the target's log-probabilities and probabilities.
         """
-        tanh = None
-        if self.softcap is not None:
-            lens_logits, tanh = self._cap(work.add_(raw_target))  # tanh overwrites `work`
-            gap = lens_logits.sub_(target_logits)
-        else:
-            gap = work.mul_(self.scale) if self.scale != 1 else work
+        gap = work.mul_(self.multiplier) if self.multiplier != 1 else work  # the logits' gap
         kl = _kl_and_logit_grad(gap, log_p, p)
-        if tanh is not None:  # d/draw softcap * tanh(scale * raw / softcap) = scale * (1 - tanh^2)
-            gap.mul_(tanh.square_().neg_().add_(1))
-        if self.scale != 1:
-            gap.mul_(self.scale)
-        if tanh is not None:
-            work.copy_(gap)
+        if self.multiplier != 1:  # d logits / d raw = multiplier
+            gap.mul_(self.multiplier)
         return kl
 
-    def _cap(self, raw: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The head's logits from the unembedding's output, in place, as `ModelView.decode` makes them, and
-        tanh(scale * raw / softcap) (for the softcap's derivative) or None when there is no softcap."""
-        if self.softcap is None:
-            return (raw.mul_(self.scale) if self.scale != 1 else raw), None
-        tanh = raw.mul_(self.scale / self.softcap).tanh_()
-        return tanh * self.softcap, tanh
+    def _transformed_kl(
+        self, work: Tensor, raw_target: Tensor, target_logits: Tensor, log_p: Tensor, p: Tensor
+    ) -> Tensor:
+        """KL per (position, token) [P, c] for any logit transform, differentiated through it by autograd.
+
+        work: as in `_multiplied_kl`; raw_target, target_logits: [c, vocab] the unembedding's output for the target
+        and its transform (`_target_logits`); log_p, p: as in `_multiplied_kl`.
+        """
+        with torch.enable_grad():  # a custom Function's forward runs without grad
+            raw_lens = work.add_(raw_target).detach().requires_grad_()
+            lens_logits = self.transform(raw_lens)
+        gap = lens_logits.detach() - target_logits
+        kl = _kl_and_logit_grad(gap, log_p, p)  # `gap` becomes the gradient with respect to the lens logits
+        (grad_raw,) = torch.autograd.grad(lens_logits, raw_lens, gap)
+        work.copy_(grad_raw)
+        return kl

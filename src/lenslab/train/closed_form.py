@@ -51,8 +51,7 @@ from torch import Tensor
 
 from lenslab.adapter import ModelView
 from lenslab.errors import LensLabError
-from lenslab.evaluate import row_chunks
-from lenslab.lenses import TunedLens
+from lenslab.lenses import TunedLens, row_chunks
 from lenslab.train.distributed import Processes
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from lenslab.errors import LensLabError
 
 
 class RecipeDefaults(NamedTuple):
-    """What a recipe (`lenslab.train.recipes.Recipe.defaults`) uses for the `TrainConfig` settings left at None."""
+    """What a recipe (`lenslab.train.recipes.Recipe`) uses for the `TrainConfig` settings left at None."""
 
     steps: int
     """`TrainConfig.steps`."""
@@ -42,7 +42,8 @@ RECIPE_DEFAULTS = {
     "fast": RecipeDefaults(steps=60, optimizer="whitened", weight_decay=0.0, init_tokens=2**16, warmup_fraction=0.1),
     "paper": RecipeDefaults(steps=250, optimizer="sgd", weight_decay=1e-3, init_tokens=0, warmup_fraction=0.2),
 }
-"""The built-in recipes' defaults (`lenslab.train.recipes.RECIPES` holds their code); here, torch-free, for the CLI."""
+"""Every recipe's defaults, by `TrainConfig.recipe`: the names `TrainConfig` accepts. Here, torch-free, for the CLI;
+`lenslab.train.recipes.RECIPES` holds the recipes' code under the same names, and a new recipe adds itself to both."""
 
 DEFAULT_LR = {"sgd": 1.0, "adam": 1e-3, "whitened": 30.0}
 """Effective learning rate per optimiser when `lr` is None (tuned-lens's for SGD and Adam; whitened: measured in
@@ -118,10 +119,10 @@ class TrainConfig:
             raise LensLabError(
                 f"Unknown optimizer {self.optimizer!r}; pass {flag('optimizer')} {' or '.join(DEFAULT_LR)}."
             )
-        from lenslab.train.recipes import RECIPES  # imported late: torch is not needed to parse settings
-
-        if self.recipe not in RECIPES:
-            raise LensLabError(f"Unknown recipe {self.recipe!r}; pass {flag('recipe')} {' or '.join(RECIPES)}.")
+        if self.recipe not in RECIPE_DEFAULTS:
+            raise LensLabError(
+                f"Unknown recipe {self.recipe!r}; pass {flag('recipe')} {' or '.join(RECIPE_DEFAULTS)}."
+            )
         if not 0 <= self.momentum < 1:
             raise LensLabError(f"{flag('momentum')} is {self.momentum}, but it must lie in [0, 1); pass e.g. 0.9.")
         for name in ("weight_decay", "init_tokens", "ridge"):
@@ -148,9 +149,7 @@ class TrainConfig:
     @property
     def defaults(self) -> RecipeDefaults:
         """What the recipe uses for the settings left at None."""
-        from lenslab.train.recipes import RECIPES
-
-        return RECIPES[self.recipe].defaults
+        return RECIPE_DEFAULTS[self.recipe]
 
     def _or_recipe_default(self, name: str) -> Any:
         """The setting `name`, or the recipe's default for it (`RecipeDefaults`) when it is None."""

@@ -45,24 +45,38 @@ class Processes:
             return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
         return cls()
 
-    def average(self, tensors: list[torch.Tensor]) -> None:
-        """Replace each tensor by its mean over the processes, in place (gloo has no AVG, hence SUM / n)."""
+    def sum(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its sum over the processes, in place."""
         if self.world_size == 1:
             return
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            tensor.div_(self.world_size)
 
-    def average_on(self, tensors: list[torch.Tensor], device: torch.device) -> None:
-        """`average` for tensors kept in host memory when the backend reduces only `device`'s (NCCL: CUDA tensors):
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the processes, in place (gloo has no AVG, hence SUM / n)."""
+        self.sum(tensors)
+        self._divide(tensors)
+
+    def sum_on(self, tensors: list[torch.Tensor], device: torch.device) -> None:
+        """`sum` for tensors kept in host memory when the backend reduces only `device`'s (NCCL: CUDA tensors):
         each is copied there, reduced and copied back, one at a time, so that only one is ever on `device`."""
         if self.world_size == 1:
             return
         for tensor in tensors:
             moved = tensor.to(device)
-            self.average([moved])
+            self.sum([moved])
             if moved is not tensor:
                 tensor.copy_(moved)
+
+    def average_on(self, tensors: list[torch.Tensor], device: torch.device) -> None:
+        """`average` for host tensors, as `sum_on` moves them."""
+        self.sum_on(tensors, device)
+        self._divide(tensors)
+
+    def _divide(self, tensors: list[torch.Tensor]) -> None:
+        if self.world_size > 1:
+            for tensor in tensors:
+                tensor.div_(self.world_size)
 
     def barrier(self) -> None:
         """Wait for every process (a no-op for one)."""

@@ -10,11 +10,9 @@ chunked KL. Gradients are averaged over processes (`lenslab.train.distributed`),
 to the recipe (`lenslab.train.recipes`) for the update. The output directory (`lenslab.train.checkpoints`, locked
 for the run) gets a log line per step, a checkpoint every `checkpoint_every` steps, and finally the lens.
 
-Two things stop a run early. Divergence: a loss that is not finite, or above `DIVERGENCE_FACTOR` times the first
-step's for `DIVERGENCE_STEPS` steps in a row without halving, raises `LensLabError`; so that the checkpoint kept is
-really from before it, a checkpoint is written one step late, once the next step's loss has shown its lens sound. SIGINT
-(Ctrl-C) or SIGTERM: the step in progress completes, a checkpoint of it is written, and `TrainingInterrupted` says
-where the run can resume.
+Two things stop a run early (`lenslab.train.stopping`): divergence, after which the last checkpoint from before it
+is kept (each is written one step late, once the next step's loss has shown its lens sound), and SIGINT or SIGTERM,
+after which a checkpoint of the step reached is written and `TrainingInterrupted` says where the run can resume.
 
 >>> result = train_lens(view, data.train, TrainConfig(steps=100), output_dir="lens/")  # doctest: +SKIP
 >>> result.history[-1].loss                                                            # doctest: +SKIP
@@ -23,45 +21,36 @@ where the run can resume.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from lenslab.adapter import ModelView
-from lenslab.artifacts import unembed_fingerprint
 from lenslab.errors import LensLabError
 from lenslab.lenses import TunedLens
 from lenslab.train import checkpoints
 from lenslab.train.batches import choose_micro_batch, sequences_per_step, step_indices
-from lenslab.train.chunked_kl import native_bf16, supports_chunked_kl
 from lenslab.train.closed_form import fit_closed_form
 from lenslab.train.config import TrainConfig, flag
 from lenslab.train.distributed import Processes
-from lenslab.train.objective import backward_by_layer, backward_chunked, final_target
+from lenslab.train.objective import Objective, backward_by_layer, backward_chunked, choose_objective, final_target
 from lenslab.train.recipes import RECIPES, Recipe
+from lenslab.train.stopping import (
+    DivergenceWatch,
+    TrainingInterrupted,
+    divergence_message,
+    interrupted_message,
+    stop_between_steps,
+)
 
 log = logging.getLogger(__name__)
-
-DIVERGENCE_FACTOR = 2.0
-"""A step whose loss is above this multiple of the first step's is suspect. A diverging lens climbs past it within a
-few steps and stays there or climbs on (`--lr 1e6` took a real model from 0.96 to 27.6 nats); batches differ by tens
-of percent."""
-DIVERGENCE_STEPS = 4
-"""Suspect steps in a row whose last loss is above half their first stop the run. A passing spike falls faster: on
-tiny models the fast recipe's first whitened steps, or the paper recipe at ten times its learning rate, rise up to
-seventeen-fold above a first loss that is already small, then fall to a third within three steps; a diverged lens
-drifts down far slower if at all (37 to 31 nats in five steps on a tiny model at `--lr 1e6`)."""
 
 
 @dataclass
@@ -75,7 +64,8 @@ class StepRecord:
     layer_losses: list[float]
     """[L] mean KL per token at each lens position, in nats."""
     lr: float
-    """Learning rate the optimiser used."""
+    """Effective learning rate of the step (`TrainConfig.lr` on the schedule; SGD's optimiser receives it times
+    1 - momentum)."""
     grad_norm: float
     """Global gradient norm before clipping."""
     tokens: int
@@ -84,15 +74,6 @@ class StepRecord:
     """Tokens of this step (all processes) over its wall time."""
     elapsed: float
     """Seconds of training so far, across resumed runs."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped `train_lens` between steps; its message says where the run can resume."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        """The signal received; a command line exits with 128 + signum (130 for SIGINT, 143 for SIGTERM)."""
 
 
 @dataclass
@@ -110,23 +91,6 @@ class TrainResult:
     (`lenslab.train.closed_form`); None without a start, or with one too small to hold any sequence out."""
     already_trained: bool = False
     """The output directory already held the finished lens of this configuration, returned without training."""
-
-
-def run_fingerprint(view: ModelView, tokens: torch.Tensor, config: TrainConfig) -> dict[str, Any]:
-    """What decides the trained lens: the settings, the training data and the model (JSON-ready)."""
-    data = np.ascontiguousarray(tokens.cpu().numpy())
-    sample = unembed_fingerprint(view.unembedding_weight())["sample"]
-    return checkpoints.normalise(
-        {
-            "config": config.fingerprint(),
-            "data": {"shape": list(tokens.shape), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()},
-            "model": {
-                "name": view.model.config.name_or_path or type(view.model).__name__,
-                "dtype": str(view.dtype).removeprefix("torch."),
-                "unembed_sample": [round(value, 6) for value in sample],
-            },
-        }
-    )
 
 
 def train_lens(
@@ -166,7 +130,7 @@ def train_lens(
             f"{config.effective_init_tokens} to read them all",
         )  # fmt: skip
         init_sequences = num_sequences
-    fingerprint = run_fingerprint(view, tokens, config)
+    fingerprint = checkpoints.run_fingerprint(view, tokens, config.fingerprint())
     view.model.eval().requires_grad_(False)
     lens = TunedLens.from_model(view) if lens is None else lens
     params = [param for param in lens.parameters() if param.requires_grad]
@@ -198,7 +162,7 @@ def train_lens(
                 checkpoint_step, shrinkage = first_step, start.checkpoint.init_shrinkage
             if writes:
                 checkpoints.write_log(output_dir, [asdict(record) for record in history])
-        objective = _objective(view, recipe, config)
+        objective = choose_objective(view, recipe.chunked_kl, config.mixed_precision)
         micro_batch = config.batch_size or choose_micro_batch(view, seq_len, objective.chunked)
         _log_plan(config, per_step, seq_len, num_sequences, micro_batch, processes)
 
@@ -209,7 +173,7 @@ def train_lens(
             )  # fmt: skip
             elapsed += time.perf_counter() - started
         # Taken over only now: a Ctrl-C during the closed-form start, which no checkpoint could keep, stops at once.
-        stop = held.enter_context(_stop_between_steps())
+        stop = held.enter_context(stop_between_steps())
         steps = config.effective_steps
         step_tokens = per_step * seq_len  # over all processes
         # Closed however the loop ends, so that an error message starts on a line of its own.
@@ -218,13 +182,13 @@ def train_lens(
             disable=not (progress and processes.is_main), dynamic_ncols=True,
         ))  # fmt: skip
         due: tuple[int, dict[str, Any]] | None = None  # (step, RNG state) of a checkpoint not yet written
-        suspect: list[float] = []  # the losses of the latest steps in a row above DIVERGENCE_FACTOR times the first's
+        watch = DivergenceWatch()
         for step in range(first_step, steps):
             if stop.signum is not None:
-                if output_dir is not None and step > (checkpoint_step or 0) and not suspect:
+                if output_dir is not None and step > (checkpoint_step or 0) and watch.sound:
                     _save_checkpoint(output_dir, writes, step, fingerprint, lens, optimizer, history, shrinkage)
                     checkpoint_step = step
-                message = _interrupted_message(stop.signum, step, output_dir, checkpoint_step)
+                message = interrupted_message(stop.signum, step, output_dir, checkpoint_step)
                 raise TrainingInterrupted(message, stop.signum)
             started = time.perf_counter()
             indices = step_indices(step, per_step, num_sequences, config.seed)[processes.rank :: processes.world_size]
@@ -233,18 +197,11 @@ def train_lens(
             processes.average([layer_losses, *grads])
             grad_norm = torch.nn.utils.get_total_norm(grads)
             loss = layer_losses.sum().item()
-            if not (torch.isfinite(layer_losses).all() and torch.isfinite(grad_norm)):
-                what = _not_finite(layer_losses, grad_norm)
-                raise LensLabError(_divergence_message(step, what, output_dir, checkpoint_step, config, view.dtype))
-            suspect = suspect + [loss] if history and loss > DIVERGENCE_FACTOR * history[0].loss else []
-            if len(suspect) >= DIVERGENCE_STEPS and suspect[-1] > suspect[-DIVERGENCE_STEPS] / 2:
-                what = (
-                    f"its loss, {loss:.4g}, and that of the {len(suspect) - 1} steps before it were above "
-                    f"{DIVERGENCE_FACTOR:g} times step 1's, {history[0].loss:.4g}, without halving"
-                )
-                raise LensLabError(_divergence_message(step, what, output_dir, checkpoint_step, config, view.dtype))
+            diverged = watch.observe(loss, layer_losses, grad_norm, history[0].loss if history else None)
+            if diverged is not None:
+                raise LensLabError(divergence_message(step, diverged, output_dir, checkpoint_step, config, view.dtype))
             # The lens and optimiser are still as the due checkpoint's step left them, and this loss shows them sound.
-            if due is not None and not suspect:
+            if due is not None and watch.sound:
                 _save_checkpoint(output_dir, writes, due[0], fingerprint, lens, optimizer, history, shrinkage, due[1])
                 checkpoint_step = due[0]  # on every process, so that any of them can name it in an error
             due = None
@@ -280,7 +237,7 @@ def train_lens(
             "processes": processes.world_size,
         }
         if writes:
-            lens.save(output_dir, **lens.metadata)
+            lens.save(output_dir)
             checkpoints.remove_checkpoint(output_dir)
             log.debug("Saved the tuned lens to %s", output_dir)
         processes.barrier()
@@ -312,35 +269,6 @@ def _save_checkpoint(
     )  # fmt: skip
 
 
-@dataclass
-class _StopRequest:
-    signum: int | None = None
-    """The signal that asked training to stop, None while none has."""
-
-
-@contextlib.contextmanager
-def _stop_between_steps() -> Iterator[_StopRequest]:
-    """Turn SIGINT and SIGTERM into a request to stop once the step in progress completes; a second one stops at
-    once (KeyboardInterrupt). Signals are left alone off the main thread, where Python cannot handle them."""
-    request = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if request.signum is not None:
-            raise KeyboardInterrupt
-        request.signum = signum
-        log.warning("%s received: stopping after the step in progress", signal.Signals(signum).name)
-
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield request
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
 def _closed_form_start(
     view: ModelView,
     lens: TunedLens,
@@ -361,28 +289,6 @@ def _closed_form_start(
     start = fit_closed_form(view, lens, tokens[indices], micro_batch, recipe.config.ridge, processes)
     recipe.start(optimizer, start.equations)
     return start.shrinkage
-
-
-class Objective(NamedTuple):
-    """How a micro-batch's gradient is computed (`lenslab.train.objective`)."""
-
-    chunked: bool
-    """All positions at once through the chunked KL (no model logits needed), else one position at a time."""
-    low_precision: bool
-    """The chunked KL's vocabulary-wide products in bfloat16."""
-    autocast: contextlib.AbstractContextManager
-    """Wraps each position's forward in the one-position-at-a-time backward."""
-
-
-def _objective(view: ModelView, recipe: Recipe, config: TrainConfig) -> Objective:
-    """The recipe's objective, in the precision `config.mixed_precision` and the hardware allow."""
-    chunked = recipe.chunked_kl and supports_chunked_kl(view)
-    if recipe.chunked_kl and not chunked:
-        log.warning("The unembedding is not a linear layer, so the KL is computed one position at a time")
-    use_bf16 = config.mixed_precision and view.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    low_precision = chunked and config.mixed_precision and native_bf16(view.device)
-    return Objective(chunked=chunked, low_precision=low_precision, autocast=autocast)
 
 
 def _accumulate_gradients(
@@ -458,45 +364,3 @@ def _log_plan(
         "Training %d steps of %d sequences in micro-batches of %d on %d process(es)",
         config.effective_steps, per_step, min(micro_batch, share), processes.world_size,
     )  # fmt: skip
-
-
-def _not_finite(layer_losses: torch.Tensor, grad_norm: torch.Tensor) -> str:
-    """What was not finite in a step: a lens position's loss ([L] `layer_losses`), else the gradient norm."""
-    bad = (~torch.isfinite(layer_losses)).nonzero().flatten().tolist()
-    if bad:
-        return f"the loss at lens position {bad[0]} was {layer_losses[bad[0]].item()}, which is not finite"
-    return f"the gradient norm was {grad_norm.item()}, which is not finite"
-
-
-def _divergence_message(
-    step: int, what: str, output_dir: Path | None, checkpoint_step: int | None, config: TrainConfig, dtype: torch.dtype
-) -> str:
-    """One sentence on where training diverged (`what` happened at 0-based `step`), what was kept and what to try."""
-    if output_dir is None:
-        kept = "the lens is left as it was after the last step"
-    elif checkpoint_step is not None:
-        kept = f"the last good checkpoint (step {checkpoint_step}) is kept in {output_dir / checkpoints.CHECKPOINT_DIR}"
-    else:
-        kept = "no checkpoint from before it had been written"
-    # Half precision can overflow where float32 would not; a float32 run has no such way out.
-    precision = " or --dtype float32" if dtype in (torch.float16, torch.bfloat16) else ""
-    return (
-        f"Training diverged at step {step + 1} ({what}) and stopped before updating the lens; {kept}; pass a "
-        f"lower {flag('lr')} than this run's {config.effective_lr:g}{precision}, with --overwrite, to train again."
-    )
-
-
-def _interrupted_message(signum: int, step: int, output_dir: Path | None, checkpoint_step: int | None) -> str:
-    """One sentence on a run stopped by `signum` after `step` steps, and where it can resume."""
-    name = signal.Signals(signum).name
-    if output_dir is None:
-        return f"{name} received: training stopped after step {step}, the lens left as it was then."
-    if checkpoint_step is None:
-        return (
-            f"{name} received after step {step}, with no checkpoint to keep, so running the same command again "
-            "starts over."
-        )
-    return (
-        f"{name} received: training stopped after step {step}; run the same command again to resume from the "
-        f"checkpoint at step {checkpoint_step} in {output_dir / checkpoints.CHECKPOINT_DIR}."
-    )

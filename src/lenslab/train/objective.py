@@ -19,6 +19,8 @@ ever whole.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
@@ -26,8 +28,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lenslab.adapter import ModelView
 from lenslab.lenses import Lens
-from lenslab.train.chunked_kl import chunked_kl, head_input
+from lenslab.train.chunked_kl import chunked_kl, native_bf16, supports_chunked_kl
+
+log = logging.getLogger(__name__)
+
+
+class Objective(NamedTuple):
+    """How a micro-batch's gradient is computed."""
+
+    chunked: bool
+    """All positions at once through the chunked KL (`backward_chunked`, no model logits needed), else one position
+    at a time (`backward_by_layer`)."""
+    low_precision: bool
+    """The chunked KL's vocabulary-wide products in bfloat16."""
+    autocast: AbstractContextManager
+    """Wraps each position's forward in the one-position-at-a-time backward."""
+
+
+def choose_objective(view: ModelView, chunked_kl: bool, mixed_precision: bool) -> Objective:
+    """The objective a recipe asks for (`Recipe.chunked_kl`), in the precision `TrainConfig.mixed_precision` and the
+    hardware allow."""
+    chunked = chunked_kl and supports_chunked_kl(view)
+    if chunked_kl and not chunked:
+        log.warning("The unembedding is not a linear layer, so the KL is computed one position at a time")
+    use_bf16 = mixed_precision and view.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    low_precision = chunked and mixed_precision and native_bf16(view.device)
+    return Objective(chunked=chunked, low_precision=low_precision, autocast=autocast)
 
 
 class Target(NamedTuple):
@@ -84,9 +113,9 @@ def backward_chunked(lens: Lens, hidden: list[Tensor], scale: float, *, low_prec
     """
     view = lens.view
     with torch.no_grad():
-        z_final = head_input(view, hidden[view.num_layers]).flatten(0, -2)  # [tokens, d_unembed]
+        z_final = view.head_input(hidden[view.num_layers]).flatten(0, -2)  # [tokens, d_unembed]
     z_lens = torch.stack(
-        [head_input(view, lens.transform(hidden[layer], layer)) for layer in range(view.num_layers)]
+        [view.head_input(lens.transform(hidden[layer], layer)) for layer in range(view.num_layers)]
     ).flatten(1, -2)  # [L, tokens, d_unembed]
     sums = chunked_kl(view, z_lens, z_final, low_precision=low_precision)
     (sums.sum() * scale).backward()

@@ -4,7 +4,8 @@ The training loop (`lenslab.train.loop`) owns everything a recipe does not: data
 (`TrainConfig.init_tokens`), averaging gradients over processes, checkpoints and logs. A recipe owns the defaults
 of the settings left at None, the choice of objective (the plain layer-by-layer backward of
 `lenslab.train.objective`, or the chunked one), the optimiser, the learning-rate schedule and the update itself,
-so another one plugs in by subclassing `Recipe` and adding itself to `RECIPES`.
+so another one plugs in by subclassing `Recipe` and adding itself to `RECIPES`, and its defaults to
+`lenslab.train.config.RECIPE_DEFAULTS` (torch-free, where `TrainConfig` reads them) under the same name.
 
 The learning rate is a function of the step alone (no scheduler object), so a resumed run needs only the step
 and the optimiser's state to continue exactly.
@@ -14,27 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from lenslab.train.closed_form import NormalEquations, input_inverses
-from lenslab.train.config import RECIPE_DEFAULTS, RecipeDefaults
+from lenslab.train.config import TrainConfig
 from lenslab.train.whitened_sgd import DAMPING, WhitenedSGD
-
-if TYPE_CHECKING:
-    from lenslab.train.config import TrainConfig
 
 
 class Recipe(ABC):
     """One way to train the lens; chosen by `TrainConfig.recipe`."""
 
     name: ClassVar[str]
-    """Its key in `RECIPES` (the value of `TrainConfig.recipe` that selects it)."""
-    defaults: ClassVar[RecipeDefaults]
-    """What this recipe uses for the `TrainConfig` settings left at None."""
+    """Its key in `RECIPES` and `RECIPE_DEFAULTS` (the value of `TrainConfig.recipe` that selects it)."""
     chunked_kl: ClassVar[bool] = False
     """Back-propagate the KL through `lenslab.train.chunked_kl` (all positions at once, in chunks of tokens) rather
     than one position's full logits at a time."""
@@ -57,7 +53,8 @@ class Recipe(ABC):
 
     @abstractmethod
     def update(self, optimizer: Optimizer, params: list[nn.Parameter], step: int, grad_norm: torch.Tensor) -> float:
-        """Apply one step from the accumulated `.grad`s, whose global norm is `grad_norm`; returns the learning rate.
+        """Apply one step from the accumulated `.grad`s, whose global norm is `grad_norm`; returns the effective
+        learning rate (`TrainConfig.lr` on the schedule), which the log records.
 
         The loop has already checked that `grad_norm` is finite, and zeroes the gradients afterwards.
         """
@@ -82,7 +79,6 @@ class PaperRecipe(Recipe):
     """
 
     name = "paper"
-    defaults = RECIPE_DEFAULTS["paper"]
     amsgrad: ClassVar[bool] = True
     """AMSGrad keeps Adam's effective step size from growing again late in training (tuned-lens's choice)."""
 
@@ -105,12 +101,17 @@ class PaperRecipe(Recipe):
 
     def learning_rate(self, step: int) -> float:
         config = self.config
-        base = config.effective_lr
+        lr = self.effective_learning_rate(step)
         if config.effective_optimizer in ("sgd", "whitened"):
             # PyTorch's momentum sums past gradients undamped, which multiplies the step by 1 / (1 - momentum);
             # tuned-lens divides it out, so that the effective rate is `lr` and 1.0 works.
-            base *= 1 - config.momentum
-        return base * linear_schedule(step, config.effective_steps, config.effective_warmup_steps)
+            lr *= 1 - config.momentum
+        return lr
+
+    def effective_learning_rate(self, step: int) -> float:
+        """`TrainConfig.lr` on the schedule at `step`: the rate `--lr` names, which the log records."""
+        config = self.config
+        return config.effective_lr * linear_schedule(step, config.effective_steps, config.effective_warmup_steps)
 
     def start(self, optimizer: Optimizer, equations: NormalEquations) -> None:
         if isinstance(optimizer, WhitenedSGD):
@@ -119,11 +120,10 @@ class PaperRecipe(Recipe):
 
     def update(self, optimizer: Optimizer, params: list[nn.Parameter], step: int, grad_norm: torch.Tensor) -> float:
         torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm, grad_norm)
-        lr = self.learning_rate(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.learning_rate(step)
         optimizer.step()
-        return lr
+        return self.effective_learning_rate(step)
 
 
 class FastRecipe(PaperRecipe):
@@ -136,7 +136,6 @@ class FastRecipe(PaperRecipe):
     """
 
     name = "fast"
-    defaults = RECIPE_DEFAULTS["fast"]
     amsgrad = False
     chunked_kl = True
 

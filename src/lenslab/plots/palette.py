@@ -1,0 +1,89 @@
+"""What every figure shares: one colour per lens kind, readable lens names, models named by their short name,
+and how a PNG is written.
+
+The colours are the Okabe–Ito palette, told apart by colour-blind readers too. A figure that shows several lenses
+of one kind (two tuned lenses from two folders, or a base model's tuned lens beside the model's own) keeps the
+kind's colour and tells them apart by line style and label.
+
+>>> lens_kind("base_tuned"), lens_label("base_tuned"), short_model_name("/models/austen-gpt2-6l/")
+('tuned', "base model's tuned lens", 'austen-gpt2-6l')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path, PurePath
+from typing import NamedTuple
+
+from matplotlib.figure import Figure
+
+from lenslab.applications.transfer import BASE_TUNED, OWN_TUNED
+from lenslab.io import atomic_write
+
+KIND_COLORS = {"logit": "#E69F00", "tuned": "#0072B2", "linear": "#009E73", "jacobian": "#CC79A7"}
+"""Colour of each lens kind (``Lens.kind``); kinds not listed take ``OTHER_COLOR``."""
+OTHER_COLOR = "#56B4E9"
+MODEL_COLOR = "black"
+"""The model's own output, drawn as a reference line."""
+LINE_STYLES = ("-", "--", ":", "-.")
+"""Line style of the first, second, ... lens of one kind in a figure."""
+TRAINED_KIND = "tuned"
+"""What `lenslab eval` loads every ``--lens`` folder as; a result names such lenses by their folder."""
+DPI = 150
+"""Resolution of every PNG: sharp when a page shows the figure at its drawn size."""
+_LABELS = {BASE_TUNED: "base model's tuned lens", OWN_TUNED: "own tuned lens"}
+"""`lenslab transfer`'s lens names, spelled out."""
+
+
+class LensStyle(NamedTuple):
+    """How one lens is drawn in a line plot."""
+
+    color: str
+    linestyle: str
+    label: str
+
+
+def lens_kind(name: str) -> str:
+    """The kind of a lens named in an ``EvalResult``: a kind itself ("logit", "tuned"), a name ending in its kind
+    ("base_tuned"), or else a folder name, which `lenslab eval` loads as a tuned lens."""
+    if name in KIND_COLORS:
+        return name
+    suffix = name.rpartition("_")[2]
+    return suffix if suffix in KIND_COLORS else TRAINED_KIND
+
+
+def kind_color(kind: str) -> str:
+    """The colour of lens kind ``kind`` ("logit", "tuned", ...)."""
+    return KIND_COLORS.get(kind, OTHER_COLOR)
+
+
+def lens_label(name: str) -> str:
+    """A lens name as a legend says it: "logit lens", "tuned lens", "tuned lens (folder)", ..."""
+    if name in _LABELS:
+        return _LABELS[name]
+    kind = lens_kind(name)
+    return f"{kind} lens" if name == kind else f"{kind} lens ({name})"
+
+
+def lens_styles(names: Iterable[str]) -> dict[str, LensStyle]:
+    """Colour by kind, then line style by order within the kind, and label of each lens name."""
+    seen: dict[str, int] = {}
+    styles = {}
+    for name in names:
+        kind = lens_kind(name)
+        index = seen[kind] = seen.get(kind, -1) + 1
+        styles[name] = LensStyle(kind_color(kind), LINE_STYLES[index % len(LINE_STYLES)], lens_label(name))
+    return styles
+
+
+def short_model_name(model: str) -> str:
+    """The last part of a hub id or a local path, which is what tells models apart in a title:
+    "HuggingFaceTB/SmolLM2-135M-Instruct" -> "SmolLM2-135M-Instruct"."""
+    return PurePath(model.rstrip("/\\")).name or model
+
+
+def save_png(figure: Figure, path: str | Path, dpi: int = DPI) -> Path:
+    """Write ``figure`` to ``path`` as PNG atomically: a failed run never leaves half a PNG where an old one was."""
+    path = Path(path)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=dpi))
+    return path
