@@ -56,13 +56,19 @@ def main() -> None:
         return time.perf_counter() - start, basis
 
     reference_seconds, reference = run("reference")
-    machine = f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = (
+        f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     if args.device != "cpu":
         machine = f"{torch.cuda.get_device_name()} ({machine})"
     date = datetime.date.today().isoformat()
     lens_name = f"tuned ({args.lens})" if args.lens else "logit"
-    head = f"| {date} | {machine} | {os.path.basename(args.model.rstrip('/'))}, {lens_name} | {args.layer} | {args.k} | {n_tokens} | {args.ablation}"
-    print("| date | machine | model, lens | layer | k | N | ablation | method | seconds | total influence (nats) | time ratio | influence ratio |")
+    model_name = os.path.basename(args.model.rstrip("/"))
+    head = f"| {date} | {machine} | {model_name}, {lens_name} | {args.layer} | {args.k} | {n_tokens} | {args.ablation}"
+    print(
+        "| date | machine | model, lens | layer | k | N | ablation | method | seconds | total influence (nats) "
+        "| time ratio | influence ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"{head} | reference | {reference_seconds:.1f} | {reference.total_influence:.4f} | 1 | 1 |")
     for seed in range(args.fast_repeats):

@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(Path(__file__).parents[1] / "examples" / "persuasion.txt"))
     parser.add_argument("--steps", type=int, default=2, help="training steps (default: %(default)s)")
     parser.add_argument("--tokens-per-step", type=int, default=512, help="(default: %(default)s)")
-    parser.add_argument("--init-tokens", type=int, default=4096, help="lenslab's closed-form start (default: %(default)s)")
+    parser.add_argument(
+        "--init-tokens", type=int, default=4096, help="lenslab's closed-form start (default: %(default)s)"
+    )
     parser.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens scored (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=128, help="(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default: %(default)s)")
@@ -121,9 +123,26 @@ def tuned_lens_worker(args: argparse.Namespace, job: str) -> dict:
 
 
 def run_job(python: Path | str, worker: str, args: argparse.Namespace, model: Path) -> dict:
-    command = [str(python), __file__, "--worker", worker, "--model", str(model), "--data", args.data,
-               "--eval-tokens", str(args.eval_tokens), "--seq-len", str(args.seq_len), "--batch-size",
-               str(args.batch_size), "--threads", str(args.threads), "--tuned-lens-python", str(args.tuned_lens_python)]
+    command = [
+        str(python),
+        __file__,
+        "--worker",
+        worker,
+        "--model",
+        str(model),
+        "--data",
+        args.data,
+        "--eval-tokens",
+        str(args.eval_tokens),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--tuned-lens-python",
+        str(args.tuned_lens_python),
+    ]
     print(f"{worker} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -214,9 +233,10 @@ def main(argv: list[str] | None = None) -> None:
           f"speed, x{ours['peak_memory_mib'] / reference['peak_memory_mib']:.2f} peak memory")  # fmt: skip
     for job in ("eval", "show"):
         a, b = results[job]["lenslab"], results[job]["tuned-lens"]
-        print(f"{job}: lenslab {a['seconds']:.2f} s ({a['tokens'] / a['seconds']:.1f} tok/s, {a['peak_memory_mib']:.0f} "
-              f"MiB), tuned-lens {b['seconds']:.2f} s ({b['tokens'] / b['seconds']:.1f} tok/s, "
-              f"{b['peak_memory_mib']:.0f} MiB); time x{a['seconds'] / b['seconds']:.2f}")  # fmt: skip
+        print(f"{job}: lenslab {a['seconds']:.2f} s ({a['tokens'] / a['seconds']:.1f} tok/s, "
+              f"{a['peak_memory_mib']:.0f} MiB), tuned-lens {b['seconds']:.2f} s "
+              f"({b['tokens'] / b['seconds']:.1f} tok/s, {b['peak_memory_mib']:.0f} MiB); "
+              f"time x{a['seconds'] / b['seconds']:.2f}")  # fmt: skip
     print("cost model:", json.dumps(results["cost_model"]))
     if args.output:
         results |= {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),

@@ -38,8 +38,8 @@ from lenslab.adapter import ModelView
 from lenslab.data import DataSpec, prepare_tokens
 from lenslab.evaluate import evaluate_lenses
 from lenslab.lenses import LogitLens, TunedLens
-from lenslab.residuals import Residuals
 from lenslab.loading import load_model
+from lenslab.residuals import Residuals
 from lenslab.train import TrainConfig, train_lens
 from lenslab.train.batches import choose_micro_batch, step_indices
 from lenslab.train.closed_form import fit_closed_form
@@ -57,7 +57,6 @@ GROUPS = {
 }  # fmt: skip
 CACHED_SUFFIX = "-cached"
 """Runs whose name ends so read each sequence's residuals from `ResidualCache` after its first forward."""
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

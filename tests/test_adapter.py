@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from tiny_models import FAMILIES, VOCAB, tiny_model
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
@@ -13,7 +14,6 @@ from transformers.modeling_outputs import CausalLMOutput
 from lenslab.adapter import FUSABLE_ACTIVATIONS, ModelView
 from lenslab.architectures import LogitScale, LogitSoftcap
 from lenslab.errors import LensLabError
-from tiny_models import FAMILIES, VOCAB, tiny_model
 
 
 @functools.cache

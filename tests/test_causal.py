@@ -16,8 +16,20 @@ from scipy.stats import spearmanr
 
 from lenslab.adapter import ModelView
 from lenslab.causal import (
-    Ablation, ExtractionConfig, FastConfig, ablate, capture_sample, causal_fidelity, extract_basis, lens_influences, load_bases,
-    model_influences, residual_edit, save_bases, stimulus_response_alignment, weighted_aitchison_similarity,
+    Ablation,
+    ExtractionConfig,
+    FastConfig,
+    ablate,
+    capture_sample,
+    causal_fidelity,
+    extract_basis,
+    lens_influences,
+    load_bases,
+    model_influences,
+    residual_edit,
+    save_bases,
+    stimulus_response_alignment,
+    weighted_aitchison_similarity,
 )  # fmt: skip
 from lenslab.causal import influence as influence_module
 from lenslab.causal.ablation import ablate_each, derangement
@@ -210,8 +222,7 @@ def bases(view, residuals):
     """Fast logit-lens bases at positions 0, 2 and L (the last, where the logit lens is the model)."""
     lens = LogitLens(view)
     return {
-        layer: extract_basis(lens, residuals[layer], layer, ExtractionConfig(k=K))
-        for layer in (0, 2, view.num_layers)
+        layer: extract_basis(lens, residuals[layer], layer, ExtractionConfig(k=K)) for layer in (0, 2, view.num_layers)
     }
 
 
@@ -226,16 +237,18 @@ def test_model_influence_equals_a_hand_written_hook(view, input_ids, residuals, 
 
     if layer == 0:  # input of the first block
         handle = view.layers[0].register_forward_pre_hook(
-            lambda module, args, kwargs: ((ablate_by_hand(args[0]), *args[1:]), kwargs)
-            if args
-            else (args, {**kwargs, "hidden_states": ablate_by_hand(kwargs["hidden_states"])}),
+            lambda module, args, kwargs: (
+                ((ablate_by_hand(args[0]), *args[1:]), kwargs)
+                if args
+                else (args, {**kwargs, "hidden_states": ablate_by_hand(kwargs["hidden_states"])})
+            ),
             with_kwargs=True,
         )
     else:  # output of block layer - 1
         handle = view.layers[layer - 1].register_forward_hook(
-            lambda module, args, output: (ablate_by_hand(output[0]), *output[1:])
-            if isinstance(output, tuple)
-            else ablate_by_hand(output)
+            lambda module, args, output: (
+                (ablate_by_hand(output[0]), *output[1:]) if isinstance(output, tuple) else ablate_by_hand(output)
+            )
         )
     with torch.no_grad():
         try:
@@ -352,7 +365,9 @@ def test_cli_writes_bases_summary_and_plot(tiny_lm, tuned_lens, tmp_path):
         assert row["lens_influence"] == sorted(row["lens_influence"], reverse=True)
         assert -1 <= row["spearman"] <= 1 and row["seconds"] > 0
     # At the last position the lens is the model: same influences.
-    assert summary["layers"]["4"]["lens_influence"] == pytest.approx(summary["layers"]["4"]["model_influence"], rel=1e-4)
+    assert summary["layers"]["4"]["lens_influence"] == pytest.approx(
+        summary["layers"]["4"]["model_influence"], rel=1e-4
+    )
     assert all(-1 <= value <= 1 for value in summary["alignment"].values())
     tensors = load_file(str(output / "bases.safetensors"))
     assert tensors["layer.1"].shape == tensors["layer.4"].shape == (3, 64)

@@ -36,8 +36,7 @@ EOS = "<|endoftext|>"
 # Distinct documents with numbered markers at both ends (to find which document a chunk came from) and some
 # multi-byte characters (so that bytes and characters differ).
 DOCS = [
-    f"start{i:03d} the quick brown fox {'jumps over ' * (i % 4)}the lazy dog, café №{i} end{i:03d}"
-    for i in range(60)
+    f"start{i:03d} the quick brown fox {'jumps over ' * (i % 4)}the lazy dog, café №{i} end{i:03d}" for i in range(60)
 ]
 
 
@@ -254,6 +253,7 @@ def test_self_sampling_starts_chat_models_at_the_assistant_turn(monkeypatch, mod
 
 def test_self_sampling_gives_up_on_empty_samples(monkeypatch, model, tokenizer):
     eos = tokenizer.eos_token_id
+
     def only_eos(prompt, **kwargs):
         return torch.cat([prompt, torch.full_like(prompt, eos)], dim=1)
 

@@ -73,9 +73,9 @@ def brute_force_depth(model, lens, tokens):
         for chunk, ids in enumerate(tokens):
             output = model(input_ids=ids[None], output_hidden_states=True)
             for t in range(tokens.shape[1] - 1):
-                top1 = [lens(output.hidden_states[l][0, t], l).argmax().item() for l in range(num_layers)]
+                top1 = [lens(output.hidden_states[p][0, t], p).argmax().item() for p in range(num_layers)]
                 top1.append(output.logits[0, t].argmax().item())
-                depth = next(l for l in range(num_layers + 1) if all(p == top1[-1] for p in top1[l:]))
+                depth = next(d for d in range(num_layers + 1) if all(p == top1[-1] for p in top1[d:]))
                 depths[chunk, t] = depth
                 losses[chunk, t] = F.cross_entropy(output.logits[0, t], ids[t + 1])
     return depths, losses

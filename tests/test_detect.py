@@ -51,11 +51,11 @@ def tuned_lens(tiny_lm, view) -> TunedLens:
 
 
 def counting_prompt(rng: random.Random, anomalous: bool) -> ChoicePrompt:
-    """"<Name> counted <a>, ..., five," or, anomalous, the same followed by a wrong number word three times.
+    """ "<Name> counted <a>, ..., five," or, anomalous, the same followed by a wrong number word three times.
 
     The repetition is a pattern the model never saw in training, and it pulls its answer toward the repeated word.
     """
-    text = f"{rng.choice(grammar._NAMES)} counted {', '.join(NUMBERS[rng.randrange(4):5])},"
+    text = f"{rng.choice(grammar._NAMES)} counted {', '.join(NUMBERS[rng.randrange(4) : 5])},"
     if anomalous:
         word = rng.choice([choice for choice in CHOICES if choice != " six"])
         text += f"{word}{word}{word},"
@@ -64,7 +64,7 @@ def counting_prompt(rng: random.Random, anomalous: bool) -> ChoicePrompt:
 
 @pytest.fixture(scope="module")
 def fact_prompts(tiny_lm) -> list[ChoicePrompt]:
-    """"<a held-out sentence> The capital of <country> is" for four countries, with their capitals as choices."""
+    """ "<a held-out sentence> The capital of <country> is" for four countries, with their capitals as choices."""
     rng = random.Random(0)
     documents = read_documents(tiny_lm.heldout_text_path)
     sentences = [s.strip() + "." for doc in documents for s in doc.split(".") if s.strip()]
@@ -264,6 +264,19 @@ def test_cli_make_attacks_then_detect(tmp_path, tiny_lm, tuned_lens, fact_prompt
     out = capsys.readouterr().out
     assert "AUROC" in out and "isolation_forest" in out
 
-    code = main(["detect", "--model", str(tiny_lm.directory), "--features", "tuned", "--normal",
-                 str(tmp_path / "normal.jsonl"), "--test", str(tmp_path / "test.jsonl"), "--output", str(output)])
+    code = main(
+        [
+            "detect",
+            "--model",
+            str(tiny_lm.directory),
+            "--features",
+            "tuned",
+            "--normal",
+            str(tmp_path / "normal.jsonl"),
+            "--test",
+            str(tmp_path / "test.jsonl"),
+            "--output",
+            str(output),
+        ]
+    )
     assert code == 2 and "--features tuned needs a tuned lens" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support.random_lens import random_tuned_lens
 from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -27,7 +28,6 @@ from lenslab.lenses import LogitLens, TunedLens
 from lenslab.loading import load_model
 from lenslab.specs import max_memory
 from lenslab.train import TrainConfig, train_lens
-from support.random_lens import random_tuned_lens
 
 ATOL = 1e-5
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from support.random_lens import random_tuned_lens
 from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -20,7 +21,6 @@ from lenslab.evaluate import EvalResult, evaluate_lenses, transfer_matrix
 from lenslab.lenses import LogitLens, TunedLens, layer_names
 from lenslab.plots import plot_curves, plot_transfer
 from lenslab.train import TrainConfig, train_lens
-from support.random_lens import random_tuned_lens
 
 METRICS = ("ce", "perplexity", "kl", "entropy", "top1_agreement", "bias_kl")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -219,7 +219,7 @@ def test_trained_lens_beats_logit_lens_on_heldout_text(tiny_lm, trained_lens):
     data = heldout_tokens(tiny_lm, 2**12)
     result = evaluate_lenses(view, {"logit": LogitLens(view), "tuned": lens}, data.heldout, batch_size=16)
     tuned, logit = result.lenses["tuned"].kl, result.lenses["logit"].kl
-    assert all(t < l for t, l in zip(tuned[:-1], logit[:-1])), (tuned, logit)
+    assert all(ours < theirs for ours, theirs in zip(tuned[:-1], logit[:-1])), (tuned, logit)
     assert tuned[-1] == logit[-1] == 0.0
 
 

@@ -356,7 +356,9 @@ def test_ctrl_c_in_eval_is_one_line_and_exit_130(tiny_lm, tmp_path, capsys, monk
         "--seq-len", str(SEQ_LEN), "--tokens", str(SEQ_LEN), "-o", str(tmp_path / "eval.json"),
     ])  # fmt: skip
     assert code == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "lenslab eval: interrupted; no file was left half-written."
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1] == "lenslab eval: interrupted; no file was left half-written."
+    )
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
@@ -437,8 +439,10 @@ def test_a_run_replaces_and_deletes_only_its_own_files(tiny_lm, tmp_path):
 
 def test_a_second_run_into_a_folder_in_use_stops_at_once(tiny_lm, tmp_path, capsys):
     output = tmp_path / "run"
-    hold = "import sys, time; from pathlib import Path; from lenslab.train.checkpoints import own_output\n" \
+    hold = (
+        "import sys, time; from pathlib import Path; from lenslab.train.checkpoints import own_output\n"
         "with own_output(Path(sys.argv[1]), overwrite=False):\n    print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", hold, str(output)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"

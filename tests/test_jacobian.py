@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from torch.autograd.functional import jacobian
 
 from lenslab import LogitLens, ModelView, TunedLens
@@ -20,7 +21,6 @@ from lenslab.jacobian import (
     write_jacobian_artifact,
 )
 from lenslab.residuals import capture_residuals, hook_residual
-from tiny_models import tiny_model
 
 SEQ = ATTENTION_SINK_TOKENS + 4
 

@@ -260,8 +260,9 @@ def _vocabulary_tilt(logits: torch.Tensor) -> torch.Tensor:
     [("cohere", LogitScale(3.0)), ("gpt2", _vocabulary_tilt), ("gemma2", _vocabulary_tilt)],
     ids=["scale-after-scale", "tilt", "tilt-after-softcap"],
 )
-def test_a_logit_transform_added_to_the_adapter_changes_evaluation_and_training_alike(family, added, kl_kernel,
-                                                                                          monkeypatch):
+def test_a_logit_transform_added_to_the_adapter_changes_evaluation_and_training_alike(
+    family, added, kl_kernel, monkeypatch
+):
     """Training reads the head through the adapter, so a transform the adapter gains (here set on the view) changes
     `ModelView.decode`, hence evaluation, and the chunked KL alike: it still equals the KL of whole decodes.
 

@@ -19,10 +19,10 @@ from lenslab.lenses import LogitLens, TunedLens
 from lenslab.plots import html as html_plot
 from lenslab.plots import png as png_plot
 from lenslab.plots import terminal
+from lenslab.plots.scales import STATISTICS, statistic_label
 from lenslab.specs import Stat
 from lenslab.tokens import single_token_id, token_text, visible
-from lenslab.plots.scales import STATISTICS, statistic_label
-from lenslab.trajectory import STATISTIC_NAMES, TrajectoryConfig, compute_trajectories, encode_prompt
+from lenslab.trajectory import TrajectoryConfig, compute_trajectories, encode_prompt
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROMPT = "The capital of Varnos is Kelti. Elnu counted one, two, three"
@@ -175,8 +175,10 @@ def test_html_heatmaps_share_one_scale_and_mark_correct_next_tokens(trajectories
     assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmax >= largest
     for heatmap, trajectory in zip(heatmaps, trajectories):
         texts = trajectory.token_text
-        top1 = [[html_plot.label(html_plot.fit(texts[i], html_plot.CELL_CHARS)) for i in row]
-                for row in trajectory.top_k_ids[..., 0].tolist()]
+        top1 = [
+            [html_plot.label(html_plot.fit(texts[i], html_plot.CELL_CHARS)) for i in row]
+            for row in trajectory.top_k_ids[..., 0].tolist()
+        ]
         assert [list(row) for row in heatmap.text] == top1
         assert "3. " in heatmap.customdata[0][0] and "rank" in heatmap.customdata[0][0]
     # Special tokens and whitespace are escaped and visible, not read as markup.
@@ -232,8 +234,10 @@ def test_long_prompt_wraps_into_bands_a_page_wide(long_trajectories):
     assert fig.get_figwidth() <= png_plot.PAGE_INCHES
     heatmaps = [ax for ax in fig.axes if ax.images]
     assert len(heatmaps) == 2 * bands  # each band shows both lenses, one under the other
-    assert [ax.get_title(loc="left") for ax in heatmaps[:2]] == [f"logit lens, tokens 0-{per_band - 1}",
-                                                                 f"tuned lens, tokens 0-{per_band - 1}"]
+    assert [ax.get_title(loc="left") for ax in heatmaps[:2]] == [
+        f"logit lens, tokens 0-{per_band - 1}",
+        f"tuned lens, tokens 0-{per_band - 1}",
+    ]
     # Every band as wide as a full one, so columns line up; the colour key names the statistic.
     assert {ax.get_xlim() for ax in heatmaps} == {(-0.5, per_band - 0.5)}
     assert any(ax.get_xlabel() == "rank of the next token" for ax in fig.axes if not ax.images)

@@ -19,9 +19,8 @@ from lenslab.adapter import ModelView
 from lenslab.cli import main
 from lenslab.errors import LensLabError
 from lenslab.lenses import LogitLens, TunedLens
-from lenslab.train import TrainConfig, train_lens
+from lenslab.train import TrainConfig, batches, train_lens
 from lenslab.train import loop as train_loop
-from lenslab.train import batches
 from lenslab.train.batches import (
     MicroBatchMemory,
     choose_micro_batch,
@@ -280,7 +279,11 @@ def test_resume_after_interruption_gives_the_same_lens(view, tokens, tmp_path, r
 
     with pytest.raises(Killed):
         train_lens(
-            view, tokens, small_config(recipe=recipe), output_dir=tmp_path / "b", progress=False,
+            view,
+            tokens,
+            small_config(recipe=recipe),
+            output_dir=tmp_path / "b",
+            progress=False,
             on_step=kill_after_step_three,
         )
     assert load_checkpoint(tmp_path / "b").step == 2

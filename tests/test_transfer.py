@@ -81,9 +81,7 @@ def test_shape_mismatch_and_own_lens_errors(base_lens_dir, finetuned_view, tmp_p
     assert "--allow-model-mismatch" not in str(error.value)  # a flag transfer does not have
 
 
-def test_cli_scores_transfer_like_eval(
-    tiny_lm, base_lens_dir, finetuned_dir, finetuned_view, tmp_path, capsys, caplog
-):
+def test_cli_scores_transfer_like_eval(tiny_lm, base_lens_dir, finetuned_dir, finetuned_view, tmp_path, capsys, caplog):
     # An untrained lens of the fine-tuned model stands in for its own lens: it is loadable with the full check.
     own = TunedLens.from_model(finetuned_view).save(tmp_path / "own")
     output = tmp_path / "transfer.json"

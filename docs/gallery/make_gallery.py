@@ -35,7 +35,11 @@ from lenslab.adapter import ModelView
 from lenslab.applications.depth import prediction_depth
 from lenslab.applications.transfer import transfer_lenses
 from lenslab.causal import (
-    ExtractionConfig, capture_sample, causal_fidelity, extract_basis, stimulus_response_alignment,
+    ExtractionConfig,
+    capture_sample,
+    causal_fidelity,
+    extract_basis,
+    stimulus_response_alignment,
 )  # fmt: skip
 from lenslab.data import DataSpec, prepare_tokens
 from lenslab.evaluate import evaluate_lenses, transfer_matrix

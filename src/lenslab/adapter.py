@@ -241,9 +241,7 @@ class ModelView:
         need_logits: bool = True,
     ) -> Residuals:
         """Residuals at the lens positions from one forward; see ``lenslab.residuals.capture_residuals``."""
-        return capture_residuals(
-            self, input_ids, attention_mask, positions=positions, need_logits=need_logits
-        )
+        return capture_residuals(self, input_ids, attention_mask, positions=positions, need_logits=need_logits)
 
     @contextmanager
     def fused_activations(self) -> Iterator[None]:
@@ -341,5 +339,3 @@ def execution_device(module: nn.Module, default: torch.device) -> torch.device:
         return torch.device(device)
     tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     return default if tensor is None else tensor.device
-
-

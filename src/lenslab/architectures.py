@@ -199,9 +199,7 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
 
 
-def final_norm_candidates(
-    model: nn.Module, layers: nn.Module, path: str | None
-) -> list[tuple[str, nn.Module | None]]:
+def final_norm_candidates(model: nn.Module, layers: nn.Module, path: str | None) -> list[tuple[str, nn.Module | None]]:
     """Possible final norms as (path, module), module None meaning post-LN; the first is the likeliest.
 
     An explicit path or a table entry is the only candidate (a table entry set to None, as in OPT-350m,

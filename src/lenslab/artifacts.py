@@ -125,10 +125,12 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "base_model_revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "vocab_size": (lambda v: v is None or _is_count(v), "a positive integer or null"),
     "unembed_fingerprint": (
-        lambda v: v is None or _is_fingerprint(v), "null or an object of a [vocab, width] shape and a sample"
+        lambda v: v is None or _is_fingerprint(v),
+        "null or an object of a [vocab, width] shape and a sample",
     ),
     "params_sha256": (
-        lambda v: v is None or (isinstance(v, str) and bool(_SHA256.fullmatch(v))), "64 hex digits or null"
+        lambda v: v is None or (isinstance(v, str) and bool(_SHA256.fullmatch(v))),
+        "64 hex digits or null",
     ),
     "format": (lambda v: isinstance(v, str), "a string"),
     "format_version": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
@@ -227,9 +229,7 @@ def _read_lenslab(directory: Path, raw: dict[str, Any]) -> tuple[LensConfig, dic
     try:
         tensors = load_file(str(params))
     except (SafetensorError, OSError) as error:
-        raise LensLabError(
-            f"{params} is truncated or corrupted ({error}); re-train or re-download the lens."
-        ) from None
+        raise LensLabError(f"{params} is truncated or corrupted ({error}); re-train or re-download the lens.") from None
     return config, tensors
 
 

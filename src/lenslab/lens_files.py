@@ -1,7 +1,7 @@
 """Any lens on disk, whatever its kind: a lenslab folder, a tuned-lens folder, or a Jacobian-lens `.pt` file.
 
-    lens = load_lens("runs/my-lens", view)       # kind from the folder's config.json
-    lens = load_lens("jlens/gpt2.pt", view)      # the published J-lens artifact
+lens = load_lens("runs/my-lens", view)       # kind from the folder's config.json
+lens = load_lens("jlens/gpt2.pt", view)      # the published J-lens artifact
 """
 
 from __future__ import annotations

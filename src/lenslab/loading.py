@@ -26,7 +26,7 @@ class LoadedModel(NamedTuple):
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" (or None) means CUDA when available, else CPU."""
+    """ "auto" (or None) means CUDA when available, else CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -48,7 +48,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto" keeps float32 on CPU (where bf16 matmuls are slow) and uses bf16 on CUDA when supported."""
+    """ "auto" keeps float32 on CPU (where bf16 matmuls are slow) and uses bf16 on CUDA when supported."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -104,8 +104,13 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+            source,
+            revision=revision,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
         )
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -81,8 +81,10 @@ def _check_hub(repo_id: str, revision: str | None) -> None:
     except Exception as error:  # noqa: BLE001 - the HTTP client's errors differ between hub versions
         if not _is_network_error(error):
             raise
-        hint = "a copy is in the local cache, so run with HF_HUB_OFFLINE=1 to use it" if cached else (
-            "connect to the network, or pass a local folder"
+        hint = (
+            "a copy is in the local cache, so run with HF_HUB_OFFLINE=1 to use it"
+            if cached
+            else ("connect to the network, or pass a local folder")
         )
         raise LensLabError(
             f"Cannot reach the Hugging Face hub for model {repo_id} ({type(error).__name__}); {hint}."

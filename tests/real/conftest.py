@@ -13,12 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.real_model import EXAMPLE_TEXT, SEQ_LEN
 
 from lenslab import ModelView, load_model
 from lenslab.cli import main
 from lenslab.example_model import DownloadFailed, fetch_example_model
-from support.real_model import EXAMPLE_TEXT, SEQ_LEN
-
 
 
 @pytest.fixture(scope="session")

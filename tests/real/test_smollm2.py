@@ -7,14 +7,13 @@ import random
 
 import pytest
 import torch
+from support.real_model import EXAMPLE_TEXT, SEQ_LEN
 
 from lenslab import LogitLens, TunedLens, load_model
 from lenslab.applications.prompts import ChoicePrompt, write_choice_prompts
 from lenslab.artifacts import TUNED_LENS_PARAMS_FILE, read_lens
 from lenslab.cli import main
 from lenslab.gguf import dequantised_folder
-
-from support.real_model import EXAMPLE_TEXT, SEQ_LEN
 
 PNG_MAGIC = b"\x89PNG"
 COUNTRIES = {"France": " Paris", "Japan": " Tokyo", "Italy": " Rome", "Egypt": " Cairo", "Spain": " Madrid"}
@@ -59,11 +58,14 @@ def test_a_lens_of_a_real_size_saves_and_loads_with_its_fingerprint(smollm2_view
 
 def test_the_trained_lens_is_closer_to_the_model_than_the_logit_lens_everywhere(smollm2_gguf, smollm2_lens, tmp_path):
     output = tmp_path / "eval.json"
-    assert main(["eval", *common_flags(smollm2_gguf, "--lens", str(smollm2_lens), "--tokens", "512", "-o", str(output))]) == 0
+    assert (
+        main(["eval", *common_flags(smollm2_gguf, "--lens", str(smollm2_lens), "--tokens", "512", "-o", str(output))])
+        == 0
+    )
     lenses = json.loads(output.read_text())["lenses"]
     tuned, logit = lenses["tuned"]["kl"], lenses["logit"]["kl"]
     assert len(tuned) == 31
-    assert all(t < l for t, l in zip(tuned[:-1], logit[:-1])), (tuned, logit)
+    assert all(ours < theirs for ours, theirs in zip(tuned[:-1], logit[:-1])), (tuned, logit)
     assert output.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
 
 

@@ -62,21 +62,62 @@ METRICS_FILE = "tiny_lm.json"
 # ---------------------------------------------------------------------------------------------------
 
 _NOUNS = {  # singular -> plural
-    "cat": "cats", "dog": "dogs", "bird": "birds", "fox": "foxes", "horse": "horses", "child": "children",
-    "farmer": "farmers", "king": "kings", "queen": "queens", "baker": "bakers", "wolf": "wolves",
-    "mouse": "mice", "sailor": "sailors", "teacher": "teachers",
+    "cat": "cats",
+    "dog": "dogs",
+    "bird": "birds",
+    "fox": "foxes",
+    "horse": "horses",
+    "child": "children",
+    "farmer": "farmers",
+    "king": "kings",
+    "queen": "queens",
+    "baker": "bakers",
+    "wolf": "wolves",
+    "mouse": "mice",
+    "sailor": "sailors",
+    "teacher": "teachers",
 }
 _VERBS = {  # plural / base form -> third person singular
-    "see": "sees", "chase": "chases", "like": "likes", "follow": "follows", "help": "helps",
-    "watch": "watches", "find": "finds", "call": "calls", "feed": "feeds", "carry": "carries",
+    "see": "sees",
+    "chase": "chases",
+    "like": "likes",
+    "follow": "follows",
+    "help": "helps",
+    "watch": "watches",
+    "find": "finds",
+    "call": "calls",
+    "feed": "feeds",
+    "carry": "carries",
 }
 _ADJECTIVES = ["big", "small", "old", "young", "red", "green", "quiet", "brave", "happy", "tired", "clever"]
 _THINGS = ["apple", "book", "hat", "cake", "letter", "stone", "lamp", "ring", "basket", "map"]
 _PLACES = ["the market", "the forest", "the river", "the castle", "the garden", "the harbour", "the hill"]
 _NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 _SYLLABLES = [
-    "ka", "lo", "mi", "ra", "ten", "vo", "shi", "dar", "bel", "nu", "po", "zan", "fi", "gor", "el", "tha",
-    "ru", "sen", "wi", "mor", "quo", "ix", "ban", "le",
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ten",
+    "vo",
+    "shi",
+    "dar",
+    "bel",
+    "nu",
+    "po",
+    "zan",
+    "fi",
+    "gor",
+    "el",
+    "tha",
+    "ru",
+    "sen",
+    "wi",
+    "mor",
+    "quo",
+    "ix",
+    "ban",
+    "le",
 ]
 
 
@@ -353,7 +394,11 @@ def train_tiny_lm(
         }
         logger.info(
             "tiny LM trained in %.1fs: held-out loss %.3f -> %.3f (unigram entropy %.3f, ln vocab %.3f)",
-            seconds, initial_loss, metrics["heldout_loss"], metrics["heldout_unigram_entropy"], metrics["log_vocab"],
+            seconds,
+            initial_loss,
+            metrics["heldout_loss"],
+            metrics["heldout_unigram_entropy"],
+            metrics["log_vocab"],
         )
 
         model.eval()

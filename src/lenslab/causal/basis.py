@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -180,11 +179,15 @@ def load_bases(path: str | Path) -> dict[int, CausalBasis]:
         with safe_open(str(path), "pt") as handle:
             layers = json.loads((handle.metadata() or {})["layers"])
     except (SafetensorError, OSError, KeyError, ValueError) as error:
-        raise LensLabError(f"Could not read causal bases from {path} ({error}); pass a file written by lenslab cbe.") from None
+        raise LensLabError(
+            f"Could not read causal bases from {path} ({error}); pass a file written by lenslab cbe."
+        ) from None
     bases = {}
     for key, info in layers.items():
         layer = int(key)
-        ablation = Ablation(kind=info["ablation"], mean=tensors[f"mean.{layer}"], partner=tensors.get(f"partner.{layer}"))
+        ablation = Ablation(
+            kind=info["ablation"], mean=tensors[f"mean.{layer}"], partner=tensors.get(f"partner.{layer}")
+        )
         bases[layer] = CausalBasis(
             layer=layer,
             directions=tensors[f"layer.{layer}"],

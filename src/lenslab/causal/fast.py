@@ -66,7 +66,11 @@ class FastConfig:
     influence. The uniform part bounds the importance weights (by 1 / uniform_share)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.surrogate_steps < 0 or min(self.batch_tokens, self.gradient_samples, self.selection_tokens) < 1:
+        if (
+            self.steps < 0
+            or self.surrogate_steps < 0
+            or min(self.batch_tokens, self.gradient_samples, self.selection_tokens) < 1
+        ):
             raise LensLabError(f"FastConfig needs non-negative step counts and positive sizes, got {self}.")
         if not 0 < self.uniform_share <= 1:
             raise LensLabError(f"FastConfig.uniform_share is {self.uniform_share}; pass a share in (0, 1].")

@@ -100,7 +100,9 @@ def reference_directions(
                 v.copy_(on_sphere(v))
             if abs(energy - previous) <= tolerance * abs(energy):
                 break
-        logger.debug("reference direction %d at position %d: σ=%.4g after %d evaluations", j, layer, energy, evaluations)
+        logger.debug(
+            "reference direction %d at position %d: σ=%.4g after %d evaluations", j, layer, energy, evaluations
+        )
         found = torch.cat([found, on_sphere(v.detach()).unsqueeze(0)])
         if progress is not None:
             progress(j)

@@ -21,6 +21,7 @@ from lenslab.errors import LensLabError
 # Subcommand modules, in the order `--help` lists them; each holds `COMMANDS`.
 MODULES = ["train", "eval", "show", "detect", "depth", "transfer", "cbe", "example_model"]
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lenslab",

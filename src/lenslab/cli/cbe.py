@@ -15,7 +15,6 @@ Without ``--lens`` the logit lens is analysed. The sample is the first ``--token
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table

@@ -69,8 +69,10 @@ def reading(result: DepthResult, lens_kind: str) -> tuple[str, str]:
         f"{result.num_layers} (mean {depths.mean():.2f})"
     )
     rho = result.spearman_depth_loss
-    second = "depth and loss are uncorrelated (a constant)" if rho != rho else (
-        f"tokens settled deeper have {'higher' if rho > 0 else 'lower'} loss (Spearman {rho:.2f})"
+    second = (
+        "depth and loss are uncorrelated (a constant)"
+        if rho != rho
+        else (f"tokens settled deeper have {'higher' if rho > 0 else 'lower'} loss (Spearman {rho:.2f})")
     )
     if result.spearman_depth_learned is not None and result.spearman_depth_learned == result.spearman_depth_learned:
         second += f"; depth against learning checkpoint: Spearman {result.spearman_depth_learned:.2f}"

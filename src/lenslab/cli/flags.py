@@ -66,7 +66,8 @@ class Command:
 
 MODEL = Spec("lenslab.specs:ModelSpec", "model", flags={"max_memory": {"type": specs.max_memory}})
 TEXT = Spec(
-    "lenslab.specs:TextSpec", "data",
+    "lenslab.specs:TextSpec",
+    "data",
     flags={"data": {"type": specs.data_source}, "seq_len": {"type": specs.positive_int, "metavar": "N"}},
 )
 LENSES = Spec("lenslab.specs:LensSpec", "lenses", flags={"lens": {"metavar": "PATH"}})

@@ -39,9 +39,9 @@ def run(model: ModelSpec, text: TextSpec, config: TrainConfig, spec: TrainSpec) 
     from lenslab.adapter import ModelView
     from lenslab.train import init_distributed, shutdown_distributed, train_lens
     from lenslab.train.batches import sequences_per_step
-    from lenslab.train.jacobian_fit import fit_jacobian_lens
     from lenslab.train.checkpoints import CHECKPOINT_DIR, STATE_FILE, own_output
     from lenslab.train.distributed import Processes
+    from lenslab.train.jacobian_fit import fit_jacobian_lens
     from lenslab.train.stopping import TrainingInterrupted
 
     if model.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:

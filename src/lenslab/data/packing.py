@@ -68,9 +68,7 @@ class TokenData:
                 )
             return chunks[:usable][rank::world_size]
 
-        return replace(
-            self, train=share(self.train, "--train-tokens"), heldout=share(self.heldout, "--heldout-tokens")
-        )
+        return replace(self, train=share(self.train, "--train-tokens"), heldout=share(self.heldout, "--heldout-tokens"))
 
 
 def default_seq_len(model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None) -> int:

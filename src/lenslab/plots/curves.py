@@ -19,7 +19,13 @@ from matplotlib.ticker import PercentFormatter
 from lenslab.errors import LensLabError
 from lenslab.evaluate import EvalResult
 from lenslab.plots.palette import (
-    MODEL_COLOR, kind_color, lens_kind, lens_label, lens_styles, save_png, short_model_name,
+    MODEL_COLOR,
+    kind_color,
+    lens_kind,
+    lens_label,
+    lens_styles,
+    save_png,
+    short_model_name,
 )  # fmt: skip
 
 _UNIT_LABELS = {"bits-per-byte": "bits per byte", "nats": "nats per token"}

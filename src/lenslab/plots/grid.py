@@ -39,7 +39,7 @@ def model_is_right(trajectory: Trajectory) -> list[bool | None]:
 
 
 def panel_title(trajectory: Trajectory, band: range, n_bands: int) -> str:
-    """"tuned lens", or "tuned lens, tokens 12-23" when the prompt wraps (token numbers within the prompt)."""
+    """ "tuned lens", or "tuned lens, tokens 12-23" when the prompt wraps (token numbers within the prompt)."""
     title = f"{trajectory.lens_name} lens"
     if n_bands == 1:
         return title

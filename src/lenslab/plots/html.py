@@ -19,7 +19,15 @@ from plotly.subplots import make_subplots
 
 from lenslab.io import atomic_write
 from lenslab.plots.grid import (
-    CELL_TEXT, CORRECT_COLOR, CORRECT_MARK, MISSED_COLOR, NEXT_LABEL, fit, model_is_right, panel_title, row_labels,
+    CELL_TEXT,
+    CORRECT_COLOR,
+    CORRECT_MARK,
+    MISSED_COLOR,
+    NEXT_LABEL,
+    fit,
+    model_is_right,
+    panel_title,
+    row_labels,
     token_bands,
 )  # fmt: skip
 from lenslab.plots.palette import kind_color, short_model_name
@@ -74,8 +82,10 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
                 z=_nulls(transform(trajectory.statistic(stat)[:, columns])),
                 x=list(range(len(band))),
                 y=rows,
-                text=[[label(fit(trajectory.token_text[i], CELL_CHARS)) for i in row_ids[columns]]
-                      for row_ids in trajectory.top_k_ids[:, :, 0].tolist()],  # fmt: skip
+                text=[
+                    [label(fit(trajectory.token_text[i], CELL_CHARS)) for i in row_ids[columns]]
+                    for row_ids in trajectory.top_k_ids[:, :, 0].tolist()
+                ],  # fmt: skip
                 texttemplate="%{text}",
                 textfont={"size": 11},
                 customdata=[cells[columns] for cells in hover],
@@ -102,10 +112,18 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
         colorbar |= {"tickvals": list(decades), "ticktext": [f"{10**d:,}" for d in decades]}
     title = f"{html.escape(short_model_name(first.model_name))}: {html.escape(statistic_label(first, stat))}"
     fig.update_layout(
-        title={"text": f"{title}<br><sup>rows: lens positions; {CELL_TEXT}; above: {NEXT_LABEL}</sup>",
-               "x": 0.01, "y": 0.995, "yref": "container", "yanchor": "top"},
+        title={
+            "text": f"{title}<br><sup>rows: lens positions; {CELL_TEXT}; above: {NEXT_LABEL}</sup>",
+            "x": 0.01,
+            "y": 0.995,
+            "yref": "container",
+            "yanchor": "top",
+        },
         coloraxis={
-            "colorscale": statistic.colormap, "cmin": transform(low), "cmax": transform(high), "colorbar": colorbar
+            "colorscale": statistic.colormap,
+            "cmin": transform(low),
+            "cmax": transform(high),
+            "colorbar": colorbar,
         },  # fmt: skip
         autosize=True,
         height=height,

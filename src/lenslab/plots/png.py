@@ -17,7 +17,15 @@ from matplotlib.figure import Figure
 
 from lenslab.errors import LensLabError
 from lenslab.plots.grid import (
-    CELL_TEXT, CORRECT_COLOR, CORRECT_MARK, MISSED_COLOR, NEXT_LABEL, fit, model_is_right, panel_title, row_labels,
+    CELL_TEXT,
+    CORRECT_COLOR,
+    CORRECT_MARK,
+    MISSED_COLOR,
+    NEXT_LABEL,
+    fit,
+    model_is_right,
+    panel_title,
+    row_labels,
     token_bands,
 )  # fmt: skip
 from lenslab.plots.palette import DPI, kind_color, save_png, short_model_name

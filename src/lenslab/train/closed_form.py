@@ -245,4 +245,3 @@ def _shrunk_kl_sums(view: ModelView, lens: TunedLens, hidden: list[Tensor]) -> T
                 log_probs = view.decode((h_lens + alpha * shift).to(h.dtype)).float().log_softmax(-1)
                 sums[layer, index] += F.kl_div(log_probs, final_log_probs, log_target=True, reduction="sum")
     return sums
-

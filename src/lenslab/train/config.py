@@ -120,9 +120,7 @@ class TrainConfig:
                 f"Unknown optimizer {self.optimizer!r}; pass {flag('optimizer')} {' or '.join(DEFAULT_LR)}."
             )
         if self.recipe not in RECIPE_DEFAULTS:
-            raise LensLabError(
-                f"Unknown recipe {self.recipe!r}; pass {flag('recipe')} {' or '.join(RECIPE_DEFAULTS)}."
-            )
+            raise LensLabError(f"Unknown recipe {self.recipe!r}; pass {flag('recipe')} {' or '.join(RECIPE_DEFAULTS)}.")
         if not 0 <= self.momentum < 1:
             raise LensLabError(f"{flag('momentum')} is {self.momentum}, but it must lie in [0, 1); pass e.g. 0.9.")
         for name in ("weight_decay", "init_tokens", "ridge"):

@@ -45,7 +45,9 @@ class Recipe(ABC):
         """The optimiser over the lens's trainable parameters, built once per run (its state is checkpointed)."""
 
     def start(self, optimizer: Optimizer, equations: NormalEquations) -> None:
-        """Called once after the closed-form start of a fresh run, with the normal equations it solved."""
+        """Called once after the closed-form start of a fresh run, with the normal equations it solved; most recipes
+        need nothing from them."""
+        return None
 
     @abstractmethod
     def learning_rate(self, step: int) -> float:
