@@ -69,3 +69,45 @@ def test_two_gloo_processes_train_the_same_lens_as_one(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "lens" / LOG_FILE).read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2, 3]
     assert saved.metadata["processes"] == 2
+
+
+def jacobian_prompts() -> torch.Tensor:
+    # 5 prompts: an odd number, so the last round has a prompt for one process only.
+    return torch.randint(3, VOCAB, (5, 20), generator=torch.Generator().manual_seed(1))
+
+
+def _jacobian_worker(rank: int, world_size: int, port: int, root: Path) -> None:
+    """`_worker` for the Jacobian lens: prompts split across processes, sums added over them, a checkpoint between."""
+    from lenslab.train.jacobian_fit import fit_jacobian_lens
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    device = init_distributed("cpu")
+    try:
+        view = ModelView.from_model(tiny_model("gpt2").to(device))
+        fitted = fit_jacobian_lens(
+            view, jacobian_prompts(), dim_batch=16, output_dir=root / "jlens", checkpoint_every=2, progress=False
+        )
+        torch.save(fitted.lens.state_dict(), root / f"jacobian-rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_fit_the_same_jacobian_lens_as_one(tmp_path):
+    from lenslab.jacobian import JacobianLens
+
+    mp.spawn(_jacobian_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+
+    view = ModelView.from_model(tiny_model("gpt2"))
+    single = JacobianLens.fit(view, jacobian_prompts(), dim_batch=16)
+    saved = JacobianLens.load(tmp_path / "jlens", view)
+    assert saved.prompts == 5 and saved.metadata["processes"] == 2
+    for state in [saved.state_dict()] + [
+        torch.load(tmp_path / f"jacobian-rank{rank}.pt", weights_only=True) for rank in range(2)
+    ]:
+        for name, tensor in single.state_dict().items():
+            torch.testing.assert_close(state[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
