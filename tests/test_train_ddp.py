@@ -33,14 +33,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, root: Path) -> None:
-    """One torchrun-like process: the environment torchrun would set, then the library as the CLI uses it."""
+def _join(rank: int, world_size: int, port: int) -> torch.device:
+    """Set the environment torchrun would set for this process, then join the group as the CLI does."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
     )  # fmt: skip
     torch.set_num_threads(1)
-    device = init_distributed("cpu")
+    return init_distributed("cpu")
+
+
+def _worker(rank: int, world_size: int, port: int, root: Path) -> None:
+    """One torchrun-like process training with the library as the CLI uses it."""
+    device = _join(rank, world_size, port)
     try:
         view = ModelView.from_model(tiny_model("gpt2").to(device))
         result = train_lens(view, tokens(), CONFIG, output_dir=root / "lens", progress=False)
@@ -80,12 +85,7 @@ def _jacobian_worker(rank: int, world_size: int, port: int, root: Path) -> None:
     """`_worker` for the Jacobian lens: prompts split across processes, sums added over them, a checkpoint between."""
     from lenslab.train.jacobian_fit import fit_jacobian_lens
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    device = init_distributed("cpu")
+    device = _join(rank, world_size, port)
     try:
         view = ModelView.from_model(tiny_model("gpt2").to(device))
         fitted = fit_jacobian_lens(
