@@ -144,7 +144,10 @@ def make_outputs(tmp: Path) -> None:
     (tmp / "a_file").write_text("not a folder\n")
     (tmp / "other.json").write_text('{"name": "somebody else\'s"}\n')
     (tmp / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n a holiday photo")
+    # Made with the libraries lenslab draws with, but not by lenslab.
+    (tmp / "chart.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x1ctEXtSoftware\x00Matplotlib version3.10.0")
     (tmp / "page.html").write_text("<html>my page</html>")
+    (tmp / "dashboard.html").write_text("<html><script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script></html>")
     (tmp / "records.jsonl").write_text('{"id": 1}\n')
     (tmp / "mc.jsonl").write_text('{"prompt": "Q: 1 + 1 =", "choices": [" 2", " 3"], "answer": 0}\n')
 
@@ -159,6 +162,8 @@ OUTPUT_CASES = [
     ("eval", [*MODEL, "-o", "{tmp}/other.json"], "already exists and is not a .json file lenslab eval wrote"),
     ("eval", [*MODEL, "-o", "{tmp}/new.json", "--plot", "{tmp}/photo.png"], "--plot {tmp}/photo.png already exists"),
     ("eval", [*MODEL, "-o", "{tmp}/photo.json"], "--plot {tmp}/photo.png already exists"),
+    ("eval", [*MODEL, "-o", "{tmp}/new.json", "--plot", "{tmp}/chart.png"], "--plot {tmp}/chart.png already exists"),
+    ("show", [*MODEL, "-o", "{tmp}/dashboard.html", "text"], "is not a .html file lenslab show wrote"),
     ("transfer", [*MODEL, "--lens", "{tmp}", "-o", "{tmp}/existing_dir"], "is a folder"),
     ("show", [*MODEL, "-o", "{tmp}/page.html", "text"], "is not a .html file lenslab show wrote"),
     ("show", [*MODEL, "-o", "{tmp}/README.md", "text"], "has extension '.md'"),
@@ -182,12 +187,14 @@ def test_bad_output_paths_are_refused_first_and_touch_nothing(tmp_path, capsys, 
 def test_outputs_lenslab_wrote_may_be_replaced(tmp_path):
     import matplotlib.pyplot as plt
 
+    from lenslab.plots.palette import save_png
+
     (tmp_path / "eval.json").write_text(json.dumps({"lenses": {}} | mark("eval")))
     check_output(tmp_path / "eval.json", "--output", (".json",), "eval")
     with pytest.raises(LensLabError, match="not a .json file lenslab depth wrote"):  # another command's output
         check_output(tmp_path / "eval.json", "--output", (".json",), "depth")
     figure = plt.figure()
-    figure.savefig(tmp_path / "eval.png", format="png")
+    save_png(figure, tmp_path / "eval.png")  # how every lenslab figure is written
     plt.close(figure)
     check_output(tmp_path / "eval.png", "--plot", (".png",), "eval")
     check_output(tmp_path / "new" / "deeper" / "eval.json", "--output", (".json",), "eval")  # folders are created

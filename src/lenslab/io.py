@@ -16,6 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lenslab import __version__
+
+GENERATOR = f"lenslab {__version__}"
+"""How lenslab signs the pictures and pages it writes (a PNG's "Software" chunk, an HTML page's generator meta tag),
+so that a later run recognises its own output and leaves everything else alone (`lenslab.cli.outputs`)."""
+
 
 @contextmanager
 def staged_file(path: Path, write: Callable[[Path], None]) -> Iterator[Path]:

@@ -6,8 +6,8 @@ missing, under no file), and, if a file is already there, must hold an output of
 recognised by its content:
 
 - `.json`: a top-level `"written_by": "lenslab COMMAND VERSION"` (`mark`) of the same subcommand;
-- `.png`: the "Software" text chunk of matplotlib, which draws every lenslab figure;
-- `.html`: the page plotly writes, as every lenslab interactive view is;
+- `.png`: a "Software" text chunk starting "lenslab " (`lenslab.io.GENERATOR`), which every lenslab figure has;
+- `.html`: a `<meta name="generator" content="lenslab ...">` tag, which every lenslab page has;
 - `.jsonl`: a first record with "prompt", "choices" and "label", as `lenslab make-attacks` writes;
 - `.safetensors`: metadata with "layers", as `lenslab cbe` writes its bases.
 
@@ -77,13 +77,13 @@ def _is_json_of(path: Path, command: str) -> bool:
     return isinstance(written_by, str) and written_by.split()[:2] == ["lenslab", command]
 
 
-def _is_matplotlib_png(path: Path, command: str) -> bool:
+def _is_lenslab_png(path: Path, command: str) -> bool:
     head = _head(path)
-    return head.startswith(PNG_SIGNATURE) and b"tEXtSoftware\x00Matplotlib" in head
+    return head.startswith(PNG_SIGNATURE) and b"tEXtSoftware\x00lenslab " in head
 
 
-def _is_plotly_page(path: Path, command: str) -> bool:
-    return b"window.PlotlyConfig" in _head(path)
+def _is_lenslab_page(path: Path, command: str) -> bool:
+    return b'<meta name="generator" content="lenslab ' in _head(path)
 
 
 def _is_attack_set(path: Path, command: str) -> bool:
@@ -109,8 +109,8 @@ def _is_bases_file(path: Path, command: str) -> bool:
 
 _RECOGNISERS: dict[str, Callable[[Path, str], bool]] = {
     ".json": _is_json_of,
-    ".png": _is_matplotlib_png,
-    ".html": _is_plotly_page,
+    ".png": _is_lenslab_png,
+    ".html": _is_lenslab_page,
     ".jsonl": _is_attack_set,
     ".safetensors": _is_bases_file,
 }

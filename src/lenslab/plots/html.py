@@ -17,7 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from lenslab.io import atomic_write
+from lenslab.io import GENERATOR, atomic_write
 from lenslab.plots.grid import (
     CELL_TEXT,
     CORRECT_COLOR,
@@ -141,9 +141,10 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
 
 def html_document(trajectories: Sequence[Trajectory], stat: str = "entropy") -> str:
     """A complete HTML page with plotly.js embedded: no network needed to view it; the figure follows the window."""
-    return figure(trajectories, stat).to_html(
+    page = figure(trajectories, stat).to_html(
         include_plotlyjs=True, full_html=True, default_width="100%", config={"responsive": True}
     )
+    return page.replace("<head>", f'<head><meta name="generator" content="{GENERATOR}">', 1)
 
 
 def write_html(trajectories: Sequence[Trajectory], path: str | Path, stat: str = "entropy") -> Path:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 from matplotlib.figure import Figure
 
 from lenslab.applications.transfer import BASE_TUNED, OWN_TUNED
-from lenslab.io import atomic_write
+from lenslab.io import GENERATOR, atomic_write
 
 KIND_COLORS = {"logit": "#E69F00", "tuned": "#0072B2", "linear": "#009E73", "jacobian": "#CC79A7"}
 """Colour of each lens kind (``Lens.kind``); kinds not listed take ``OTHER_COLOR``."""
@@ -85,5 +85,6 @@ def short_model_name(model: str) -> str:
 def save_png(figure: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write ``figure`` to ``path`` as PNG atomically: a failed run never leaves half a PNG where an old one was."""
     path = Path(path)
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=dpi))
+    signed = {"Software": f"{GENERATOR} (Matplotlib)"}
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=dpi, metadata=signed))
     return path
