@@ -207,3 +207,15 @@ def partial_checkpoints(fit):
         return fit(*args, **{**kwargs, "checkpoint_every": 2})
 
     return fit_often
+
+
+def test_train_refuses_prompts_too_short_before_loading_the_model(tmp_path, capsys):
+    output = tmp_path / "jlens"
+    code = main([
+        "train", "--kind", "jacobian", "--model", str(tmp_path / "no-model"), "--data", __file__,
+        "--seq-len", "12", "--output", str(output),
+    ])  # fmt: skip
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "too short for the Jacobian lens" in error and "--seq-len 18" in error  # not a missing-model error
+    assert not output.exists()

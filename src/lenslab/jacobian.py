@@ -43,6 +43,16 @@ def fitted_positions(view: ModelView) -> range:
     return range(1, view.num_layers)
 
 
+def check_prompt_length(seq_len: int) -> None:
+    """Refuse prompts too short to leave any position in V (after the sinks, before the last token)."""
+    if seq_len < ATTENTION_SINK_TOKENS + 2:
+        raise LensLabError(
+            f"Prompts of {seq_len} tokens are too short for the Jacobian lens: it averages over the positions after "
+            f"the first {ATTENTION_SINK_TOKENS} and before the last; pass --seq-len {ATTENTION_SINK_TOKENS + 2} or "
+            f"more (128 is usual)."
+        )
+
+
 def source_positions(seq_len: int) -> slice:
     """V: the positions averaged over, after the attention sinks and before the last token."""
     return slice(ATTENTION_SINK_TOKENS, seq_len - 1)
@@ -66,12 +76,7 @@ class JacobianSums:
 
     def add(self, input_ids: Tensor) -> None:
         """Add the Jacobians of each prompt in `input_ids`: [prompts, seq], every row at least 18 tokens long."""
-        if input_ids.shape[-1] < ATTENTION_SINK_TOKENS + 2:
-            raise LensLabError(
-                f"Prompts of {input_ids.shape[-1]} tokens are too short for the Jacobian lens: it averages over "
-                f"the positions after the first {ATTENTION_SINK_TOKENS} and before the last; pass --seq-len "
-                f"{ATTENTION_SINK_TOKENS + 2} or more (128 is usual)."
-            )
+        check_prompt_length(input_ids.shape[-1])
         for prompt in input_ids:
             self.sums += prompt_jacobians(self.view, prompt, dim_batch=self.dim_batch)
             self.prompts += 1

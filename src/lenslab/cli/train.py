@@ -44,6 +44,10 @@ def run(model: ModelSpec, text: TextSpec, config: TrainConfig, spec: TrainSpec) 
     from lenslab.train.jacobian_fit import fit_jacobian_lens
     from lenslab.train.stopping import TrainingInterrupted
 
+    if spec.kind == "jacobian" and text.seq_len is not None:
+        from lenslab.jacobian import check_prompt_length
+
+        check_prompt_length(text.seq_len)  # before the model loads
     if model.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LensLabError(
             "--device-map spreads one model over all devices, while torchrun runs one copy per device; run lenslab "

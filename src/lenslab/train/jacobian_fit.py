@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lenslab.adapter import ModelView
 from lenslab.errors import LensLabError
-from lenslab.jacobian import ATTENTION_SINK_TOKENS, JacobianLens, JacobianSums
+from lenslab.jacobian import JacobianLens, JacobianSums, check_prompt_length
 from lenslab.train import checkpoints
 from lenslab.train.distributed import Processes
 from lenslab.train.stopping import TrainingInterrupted, interrupted_message, stop_between_steps
@@ -60,11 +60,7 @@ def fit_jacobian_lens(
     """
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise LensLabError(f"Expected token ids of shape [prompts, seq_len], got {list(tokens.shape)}; pass data.")
-    if tokens.shape[1] < ATTENTION_SINK_TOKENS + 2:
-        raise LensLabError(
-            f"Sequences of {tokens.shape[1]} tokens are too short for the Jacobian lens; pass --seq-len "
-            f"{ATTENTION_SINK_TOKENS + 2} or more (128 is usual)."
-        )
+    check_prompt_length(tokens.shape[1])
     processes = Processes.current()
     output_dir = Path(output_dir) if output_dir is not None else None
     writes = output_dir is not None and processes.is_main
