@@ -145,8 +145,10 @@ def test_eval_puts_a_jacobian_lens_file_beside_a_tuned_lens(tiny_lm, tmp_path):
         "eval", "--model", str(tiny_lm.directory), "--data", str(tiny_lm.heldout_text_path), "--device", "cpu",
         "--seq-len", "32", "--tokens", "256", "--output", str(output), "--lens", str(tuned), "--lens", str(artifact),
     ]) == 0  # fmt: skip
-    kl = {name: metrics["kl"] for name, metrics in json.loads(output.read_text())["lenses"].items()}
+    document = json.loads(output.read_text())
+    kl = {name: metrics["kl"] for name, metrics in document["lenses"].items()}
     assert list(kl) == ["logit", "tuned", "jacobian"]
+    assert document["kinds"] == {"logit": "logit", "tuned": "tuned", "jacobian": "jacobian"}
     last = view.num_layers
     assert kl["jacobian"][0] == pytest.approx(kl["logit"][0]) and kl["jacobian"][last] == kl["logit"][last] == 0
     assert all(kl["jacobian"][p] != pytest.approx(kl["logit"][p]) for p in range(1, last))

@@ -29,8 +29,10 @@ def metrics(scale: float) -> LensMetrics:
 
 
 def result(names: list[str], model: str = "/models/austen-gpt2-6l") -> EvalResult:
+    """Lens "logit" is the logit lens, every other a tuned lens."""
     return EvalResult(model=model, tokens=1000, nats_to_bits_per_byte=None, layers=LAYERS, final_ce=2.0,
-                      final_entropy=2.1, lenses={name: metrics(1.0 + i) for i, name in enumerate(names)})  # fmt: skip
+                      final_entropy=2.1, lenses={name: metrics(1.0 + i) for i, name in enumerate(names)},
+                      kinds={name: "logit" if name == "logit" else "tuned" for name in names})  # fmt: skip
 
 
 def line_colors(figure) -> dict[str, str]:
@@ -48,11 +50,13 @@ def test_each_lens_kind_keeps_its_colour_in_eval_and_transfer():
 
 
 def test_two_lenses_of_one_kind_differ_by_line_style_and_label():
-    styles = lens_styles(["logit", "run-a", "run-b"])
+    styles = lens_styles({"logit": "logit", "run-a": "tuned", "run-b": "tuned", "j": "jacobian"})
     assert styles["run-a"].color == styles["run-b"].color != styles["logit"].color
     assert styles["run-a"].linestyle != styles["run-b"].linestyle
     assert [styles[n].label for n in ("run-a", "run-b")] == ["tuned lens (run-a)", "tuned lens (run-b)"]
-    assert lens_label(BASE_TUNED) == "base model's tuned lens"
+    # The colour follows the lens's recorded kind, not its name.
+    assert styles["j"].color == KIND_COLORS["jacobian"] and styles["j"].label == "jacobian lens (j)"
+    assert lens_label(BASE_TUNED, "tuned") == "base model's tuned lens"
 
 
 def test_eval_figure_has_a_log_kl_axis_entropy_and_top1_panels():

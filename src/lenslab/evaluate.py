@@ -96,6 +96,8 @@ class EvalResult:
     """Metrics of each lens, by name."""
     transfer: dict[str, TransferMatrix] = field(default_factory=dict)
     """Transfer matrices of the lenses that have one, by name."""
+    kinds: dict[str, str] = field(default_factory=dict)
+    """Each lens's kind (``Lens.kind``: "logit", "tuned", "jacobian"...), by name; figures colour lenses by it."""
 
     def unit_factor(self, units: str) -> float:
         """Multiplier from nats per token to ``units``: ``"nats"`` (1) or ``"bits-per-byte"``."""
@@ -111,7 +113,8 @@ class EvalResult:
         return self.nats_to_bits_per_byte
 
     def to_json(self) -> dict:
-        """The JSON layout: model, tokens, factor, layers, ``final: {ce, entropy}``, ``lenses``, ``transfer``."""
+        """The JSON layout: model, tokens, factor, layers, ``final: {ce, entropy}``, ``lenses``, ``kinds``,
+        ``transfer``."""
         data = {
             "model": self.model,
             "tokens": self.tokens,
@@ -119,6 +122,7 @@ class EvalResult:
             "layers": self.layers,
             "final": {"ce": self.final_ce, "entropy": self.final_entropy},
             "lenses": {name: dataclasses.asdict(metrics) for name, metrics in self.lenses.items()},
+            "kinds": self.kinds,
         }
         if self.transfer:
             data["transfer"] = {name: dataclasses.asdict(matrix) for name, matrix in self.transfer.items()}
@@ -190,6 +194,7 @@ def evaluate_lenses(
         final_ce=final_ce,
         final_entropy=final_entropy,
         lenses=metrics,
+        kinds={name: lens.kind for name, lens in lenses.items()},
     )
 
 

@@ -21,7 +21,6 @@ from lenslab.evaluate import EvalResult
 from lenslab.plots.palette import (
     MODEL_COLOR,
     kind_color,
-    lens_kind,
     lens_label,
     lens_styles,
     save_png,
@@ -50,7 +49,7 @@ def curves_figure(result: EvalResult, *, units: str = "bits-per-byte") -> Figure
     positions = np.arange(len(result.layers))
     figure = Figure(figsize=(9, 6.5), layout="constrained")
     (ce_axes, kl_axes), (entropy_axes, top1_axes) = figure.subplots(2, 2, sharex=True)
-    for name, style in lens_styles(result.lenses).items():
+    for name, style in lens_styles(result.kinds).items():
         metrics = result.lenses[name]
         line = {"color": style.color, "linestyle": style.linestyle, "marker": ".", "label": style.label}
         ce_axes.plot(positions, np.multiply(metrics.ce, factor), **line)
@@ -104,7 +103,8 @@ def transfer_figure(result: EvalResult, *, units: str = "bits-per-byte") -> Figu
         _layer_ticks(axes, result.layers)
         _layer_ticks(axes, result.layers, axis="y")
         axes.set_xlabel("applied at layer (0 = embeddings)")
-        axes.set_title(lens_label(name), fontsize="medium", color=kind_color(lens_kind(name)), fontweight="bold")
+        kind = result.kinds[name]
+        axes.set_title(lens_label(name, kind), fontsize="medium", color=kind_color(kind), fontweight="bold")
     panels[0].set_ylabel("translator of layer (last = identity)")
     figure.colorbar(image, ax=list(panels), label=f"KL(final ‖ lens), {_UNIT_LABELS[units]}, log scale")
     figure.suptitle(f"{short_model_name(result.model)}: each translator applied at every layer")

@@ -5,13 +5,12 @@ The colours are the Okabe–Ito palette, told apart by colour-blind readers too.
 of one kind (two tuned lenses from two folders, or a base model's tuned lens beside the model's own) keeps the
 kind's colour and tells them apart by line style and label.
 
->>> lens_kind("base_tuned"), lens_label("base_tuned"), short_model_name("/models/austen-gpt2-6l/")
-('tuned', "base model's tuned lens", 'austen-gpt2-6l')
+>>> lens_label("base_tuned", "tuned"), lens_label("run-a", "jacobian"), short_model_name("/models/austen-gpt2-6l/")
+("base model's tuned lens", 'jacobian lens (run-a)', 'austen-gpt2-6l')
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path, PurePath
 from typing import NamedTuple
 
@@ -27,8 +26,6 @@ MODEL_COLOR = "black"
 """The model's own output, drawn as a reference line."""
 LINE_STYLES = ("-", "--", ":", "-.")
 """Line style of the first, second, ... lens of one kind in a figure."""
-TRAINED_KIND = "tuned"
-"""What `lenslab eval` loads every ``--lens`` folder as; a result names such lenses by their folder."""
 DPI = 150
 """Resolution of every PNG: sharp when a page shows the figure at its drawn size."""
 _LABELS = {BASE_TUNED: "base model's tuned lens", OWN_TUNED: "own tuned lens"}
@@ -43,36 +40,26 @@ class LensStyle(NamedTuple):
     label: str
 
 
-def lens_kind(name: str) -> str:
-    """The kind of a lens named in an ``EvalResult``: a kind itself ("logit", "tuned"), a name ending in its kind
-    ("base_tuned"), or else a folder name, which `lenslab eval` loads as a tuned lens."""
-    if name in KIND_COLORS:
-        return name
-    suffix = name.rpartition("_")[2]
-    return suffix if suffix in KIND_COLORS else TRAINED_KIND
-
-
 def kind_color(kind: str) -> str:
     """The colour of lens kind ``kind`` ("logit", "tuned", ...)."""
     return KIND_COLORS.get(kind, OTHER_COLOR)
 
 
-def lens_label(name: str) -> str:
-    """A lens name as a legend says it: "logit lens", "tuned lens", "tuned lens (folder)", ..."""
+def lens_label(name: str, kind: str) -> str:
+    """A lens, named `name`, of kind `kind`, as a legend says it: "logit lens", "tuned lens (folder)", ..."""
     if name in _LABELS:
         return _LABELS[name]
-    kind = lens_kind(name)
     return f"{kind} lens" if name == kind else f"{kind} lens ({name})"
 
 
-def lens_styles(names: Iterable[str]) -> dict[str, LensStyle]:
-    """Colour by kind, then line style by order within the kind, and label of each lens name."""
+def lens_styles(kinds: dict[str, str]) -> dict[str, LensStyle]:
+    """Colour by kind, then line style by order within the kind, and label of each lens, from {name: kind}
+    (`EvalResult.kinds`)."""
     seen: dict[str, int] = {}
     styles = {}
-    for name in names:
-        kind = lens_kind(name)
+    for name, kind in kinds.items():
         index = seen[kind] = seen.get(kind, -1) + 1
-        styles[name] = LensStyle(kind_color(kind), LINE_STYLES[index % len(LINE_STYLES)], lens_label(name))
+        styles[name] = LensStyle(kind_color(kind), LINE_STYLES[index % len(LINE_STYLES)], lens_label(name, kind))
     return styles
 
 
