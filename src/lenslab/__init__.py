@@ -16,6 +16,7 @@ _PUBLIC = {
     "Lens": "lenslab.lenses",
     "LogitLens": "lenslab.lenses",
     "TunedLens": "lenslab.lenses",
+    "load_lens": "lenslab.lens_files",
     "load_model": "lenslab.loading",
     "Trajectory": "lenslab.trajectory",
     "TrajectoryConfig": "lenslab.trajectory",

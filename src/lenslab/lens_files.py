@@ -1,7 +1,10 @@
-"""Any lens on disk, whatever its kind: a lenslab folder, a tuned-lens folder, or a Jacobian-lens `.pt` file.
+"""Any lens, whatever its kind: a lenslab folder, a tuned-lens folder, or a Jacobian-lens `.pt` file, on disk or on
+the Hugging Face Hub (`lenslab.hub`, whose local copy then loads like any other).
 
 lens = load_lens("runs/my-lens", view)       # kind from the folder's config.json
 lens = load_lens("jlens/gpt2.pt", view)      # the published J-lens artifact
+lens = load_lens("hub", view)                # the tuned-lens zoo's lens for the model's hub id
+lens = load_lens("hf://owner/repo/gpt2", view)
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+from lenslab import hub
 from lenslab.adapter import ModelView
 from lenslab.errors import LensLabError
 from lenslab.jacobian import JacobianLens, read_jacobian_artifact
@@ -22,7 +26,13 @@ LENS_KINDS: dict[str, type[StoredLens]] = {kind.kind: kind for kind in (TunedLen
 
 
 def lens_kind(path: str | Path) -> str:
-    """The kind of lens at `path` ("tuned", "jacobian", ...), read without loading its tensors."""
+    """The kind of lens at `path` ("tuned", "jacobian", ...), read without loading its tensors; a hub folder of
+    unknown kind is downloaded (`hub.resolve`) to read it."""
+    if hub.is_reference(path):
+        reference = hub.parse(str(path))
+        if reference.kind is not None:
+            return reference.kind
+        path = hub.resolve(str(path))
     path = Path(path)
     if path.is_file():
         return "jacobian"  # the only lens that is one file: the J-lens artifact
@@ -35,13 +45,21 @@ def lens_kind(path: str | Path) -> str:
     return kind if isinstance(kind, str) else "tuned"
 
 
+def local_path(lens: str | Path, view: ModelView) -> Path:
+    """The path of a local lens, or the local copy of a hub lens (`lenslab.hub.resolve`) for `view`'s model."""
+    if hub.is_reference(lens):
+        return hub.resolve(str(lens), view.model.config.name_or_path)
+    return Path(lens)
+
+
 def load_lens(path: str | Path, view: ModelView, *, check: str = "full") -> Lens:
-    """Load the lens at `path` for `view`'s model, refusing one made for another model (see `TunedLens.load`).
+    """Load the lens at `path` (or the hub lens it names) for `view`'s model, refusing one made for another model
+    (see `TunedLens.load`).
 
     A J-lens artifact records no fingerprint of its model, only the residual width, so a model of the same width
     cannot be told apart from the right one: a warning says so.
     """
-    path = Path(path)
+    path = local_path(path, view)
     if not path.exists():
         raise LensLabError(
             f"No lens found at {path}: nothing is there; pass a lens folder or a Jacobian-lens .pt file."

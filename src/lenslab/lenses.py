@@ -148,6 +148,17 @@ class StoredLens(Lens):
         )
         return write_lens(directory, config, self.state_dict())
 
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Publish this lens as the hub model repository `repo_id` with a model card (`lenslab.publish.push_lens`,
+        whose keyword options it takes: evaluation, base_model, private, dry_run, token); returns its `Publication`.
+        """
+        import tempfile
+
+        from lenslab.publish import push_lens
+
+        with tempfile.TemporaryDirectory(prefix="lenslab-lens-") as directory:
+            return push_lens(self.save(directory), repo_id, **options)
+
     @classmethod
     def load(
         cls: type[_Stored], directory: str | Path, model_or_view: PreTrainedModel | ModelView, *, check: str = "full"

@@ -92,6 +92,15 @@ def positions(text: str) -> slice:
         raise ValueError(f"{text!r} is not START:END; pass e.g. --positions 0:50 or --positions 100:") from None
 
 
+def check_lens_references(lenses: list[str]) -> None:
+    """Refuse a misspelt hub lens reference (`lenslab.hub`) while the flags are read, before a model loads."""
+    from lenslab import hub
+
+    for lens in lenses:
+        if hub.is_reference(lens):
+            hub.parse(str(lens))
+
+
 @dataclass
 class ModelSpec:
     """Which model to load, and onto which devices (`lenslab.load_model`)."""
@@ -172,27 +181,39 @@ class TextSpec:
 class LensSpec:
     """Which trained lenses to apply beside the logit lens."""
 
-    lens: list[Path] = field(default_factory=list)
-    """A trained lens: a lens folder or a Jacobian-lens .pt file; repeat to compare several. Default: the logit lens
+    lens: list[str] = field(default_factory=list)
+    """A trained lens: a lens folder, a Jacobian-lens .pt file, 'hub' (the tuned-lens zoo's lens for --model),
+    hub:MODEL_ID, or hf://OWNER/REPO[/SUBFOLDER][@REVISION]; repeat to compare several. Default: the logit lens
     alone."""
     allow_model_mismatch: bool = False
     """Apply lenses trained for another model of the same shape (e.g. the base of a fine-tune)."""
 
-    def names(self) -> dict[str, Path]:
-        """Each lens by name: its kind ("tuned", "jacobian"), or its folder's name where two share a kind, made
-        unique with -2, -3... The same path given twice is loaded once; "logit" is kept for the logit lens."""
+    def __post_init__(self) -> None:
+        check_lens_references(self.lens)
+
+    def names(self) -> dict[str, str | Path]:
+        """Each lens by name: its kind ("tuned", "jacobian"), or its folder's name where two share a kind (for a hub
+        lens its folder's or repository's, "hub" for the zoo entry of --model), made unique with -2, -3... The same
+        lens given twice is loaded once; "logit" is kept for the logit lens."""
+        from lenslab import hub
         from lenslab.lens_files import lens_kind
 
-        unique = list({path.resolve(): path for path in self.lens}.values())
-        kinds = [lens_kind(path) for path in unique]
-        names: dict[str, Path] = {}
-        for path, kind in zip(unique, kinds):
-            base = kind if kinds.count(kind) == 1 else (path.resolve().name or "lens")
+        def identity(lens: str | Path) -> str | Path:
+            return lens if hub.is_reference(lens) else Path(lens).resolve()
+
+        def folder_name(lens: str | Path) -> str:
+            return hub.parse(lens).short_name if hub.is_reference(lens) else Path(lens).resolve().name
+
+        unique = list({identity(lens): lens for lens in self.lens}.values())
+        kinds = [lens_kind(lens) for lens in unique]
+        names: dict[str, str | Path] = {}
+        for lens, kind in zip(unique, kinds):
+            base = kind if kinds.count(kind) == 1 else (folder_name(lens) or "lens")
             name, suffix = base, 1
             while name in names or name == "logit":
                 suffix += 1
                 name = f"{base}-{suffix}"
-            names[name] = path
+            names[name] = lens
         return names
 
     def load(self, view: ModelView) -> dict[str, Lens]:
@@ -245,10 +266,38 @@ class EvalSpec:
 class TransferSpec:
     """The lenses `lenslab transfer` compares on a fine-tuned model."""
 
+    lens: str
+    """Tuned lens trained on the base model: a folder, hub:BASE_MODEL_ID (the tuned-lens zoo's) or
+    hf://OWNER/REPO[/SUBFOLDER][@REVISION]."""
+    own_lens: str | None = None
+    """Tuned lens trained on the fine-tuned --model, given as --lens is. Default: none."""
+
+    def __post_init__(self) -> None:
+        check_lens_references([self.lens, *([self.own_lens] if self.own_lens else [])])
+
+
+@dataclass
+class PushSpec:
+    """The lens `lenslab push` publishes on the hub, where, and what its model card says."""
+
     lens: Path
-    """Tuned lens trained on the base model."""
-    own_lens: Path | None = None
-    """Tuned lens trained on the fine-tuned --model. Default: none."""
+    """The lens folder to publish (lenslab's layout, or tuned-lens's, whose params.pt is uploaded as safetensors)."""
+    repo: str
+    """The hub model repository to upload to, OWNER/NAME; created when missing."""
+    evaluation: Path | None = None
+    """The JSON `lenslab eval --output` wrote with this lens, for the card's per-layer table. Default: no table."""
+    base_model: str | None = None
+    """Hub id of the lens's model, for the card. Default: the model the lens records."""
+    private: bool = False
+    """Create the repository private (an existing one keeps its visibility)."""
+    dry_run: bool = False
+    """Upload nothing; write exactly the files that would be uploaded into --output."""
+    output: Path | None = None
+    """With --dry-run: the folder to write the files into."""
+
+    def __post_init__(self) -> None:
+        if self.dry_run != (self.output is not None):
+            raise LensLabError("--dry-run and --output go together; pass both to only write the files, or neither.")
 
 
 @dataclass

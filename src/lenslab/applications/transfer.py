@@ -21,6 +21,7 @@ from typing import NamedTuple
 from lenslab.adapter import ModelView
 from lenslab.artifacts import CONFIG_FILE
 from lenslab.errors import LensLabError, LensModelMismatch
+from lenslab.lens_files import local_path
 from lenslab.lenses import Lens, LogitLens, TunedLens
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,12 @@ class TransferLenses(NamedTuple):
 def transfer_lenses(view: ModelView, lens_dir: str | Path, *, own_lens_dir: str | Path | None = None) -> TransferLenses:
     """Load the base model's lens onto ``view`` (shape check only), beside its logit lens and own tuned lens.
 
-    The own lens, trained on this very model, keeps the full fingerprint check.
+    The own lens, trained on this very model, keeps the full fingerprint check. Either may be a hub reference
+    (`lenslab.hub`); the base lens then names its model, e.g. hub:BASE_MODEL_ID.
     """
-    transferred = TunedLens.load(lens_dir, view, check="shapes")
-    base = _base_model(lens_dir)
+    base_path = local_path(lens_dir, view)
+    transferred = TunedLens.load(base_path, view, check="shapes")
+    base = _base_model(base_path)
     model_name = view.model.config.name_or_path or type(view.model).__name__
     message = (
         f"Applying the tuned lens in {lens_dir} (trained on {base}) to {model_name} with the unembedding fingerprint "
@@ -57,12 +60,13 @@ def transfer_lenses(view: ModelView, lens_dir: str | Path, *, own_lens_dir: str 
     logger.warning(message)
     lenses: dict[str, Lens] = {BASE_TUNED: transferred, LOGIT: LogitLens(view)}
     if own_lens_dir is not None:
+        own_path = local_path(own_lens_dir, view)
         try:
-            lenses[OWN_TUNED] = TunedLens.load(own_lens_dir, view, check="full")
+            lenses[OWN_TUNED] = TunedLens.load(own_path, view, check="full")
         except LensModelMismatch:
             # check_compatible's advice (relax the check) is wrong here: this lens must be the model's own.
             raise LensLabError(
-                f"The own lens in {own_lens_dir} was trained for another model ({_base_model(own_lens_dir)}), not "
+                f"The own lens in {own_lens_dir} was trained for another model ({_base_model(own_path)}), not "
                 f"{model_name}; pass as --own-lens a lens trained on this model, or leave it out."
             ) from None
     note = {"lens": str(lens_dir), "base_model": base, "check": "shapes", "message": message}
