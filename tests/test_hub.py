@@ -186,17 +186,28 @@ def test_a_zoo_entry_the_hub_lacks_names_the_zoo(cache, view, monkeypatch, tmp_p
         load_lens("hub", view)
 
 
-def test_a_repository_the_hub_lacks_is_one_sentence(cache, view, monkeypatch):
+def hub_error(kind: type[Exception]) -> Exception:
+    """An error of `kind` as huggingface_hub raises it for an HTTP 404."""
     # The HTTP client huggingface_hub uses (httpx, or its fork) is the module of its errors' Response.
     client = importlib.import_module(errors.Response.__module__.split(".")[0])
     response = errors.Response(404, request=client.Request("GET", "https://huggingface.co/api/models/nobody/lenses"))
+    return kind("404 Not Found", response=response)
 
-    def missing(*args, **kwargs):
-        raise RepositoryNotFoundError("404 Repository Not Found", response=response)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
-    with pytest.raises(LensLabError, match="no model repository nobody/lenses you can see"):
-        load_lens("hf://nobody/lenses/gpt2", view)
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (RepositoryNotFoundError, "the hub has no model repository nobody/lenses you can see; check the name"),
+        (errors.RevisionNotFoundError, "nobody/lenses has no revision 'v9'; pass a branch, tag or commit"),
+    ],
+)
+def test_a_repository_or_revision_the_hub_lacks_is_one_sentence(cache, view, monkeypatch, error, message):
+    def fail(*args, **kwargs):
+        raise hub_error(error)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(LensLabError, match=message):
+        load_lens("hf://nobody/lenses/gpt2@v9", view)
 
 
 def test_hf_loads_a_lens_folder_in_a_subfolder_and_only_its_files(cache, view, tmp_path):

@@ -134,10 +134,13 @@ def resolve(reference: str, model: str | None = None) -> Path:
     assert lens.path is not None  # for_model filled it in
     try:
         local = _download(lens)
-    except Exception as error:  # noqa: BLE001 - huggingface_hub's error classes differ between its versions
-        raise _explain(lens, error) from None
+    except Exception as error:  # noqa: BLE001 - sorted out by _explain, which knows huggingface_hub's errors
+        explained = _explain(lens, error)
+        if explained is None:
+            raise
+        raise explained from None
     if not lens.is_file and not _holds_lens(local):
-        raise _missing(lens, offline=_offline())
+        raise _missing(lens, offline=offline())
     return local
 
 
@@ -162,14 +165,15 @@ def _download(lens: HubLens) -> Path:
     return Path(snapshot) / prefix
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids huggingface_hub to reach the hub."""
     from huggingface_hub import constants
 
-    return constants.is_offline_mode()
+    return constants.HF_HUB_OFFLINE  # read when called, as huggingface_hub itself reads it
 
 
-def _explain(lens: HubLens, error: Exception) -> LensLabError:
-    """The one-sentence error for a failed download."""
+def _explain(lens: HubLens, error: Exception) -> LensLabError | None:
+    """The one-sentence error for a failed download; None for an error that is no fault of the input."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -204,7 +208,7 @@ def _explain(lens: HubLens, error: Exception) -> LensLabError:
             f"--lens {where} could not be downloaded ({type(error).__name__}); connect to the network, or run with "
             f"HF_HUB_OFFLINE=1 once it is in the cache."
         )
-    raise error
+    return None
 
 
 def _missing(lens: HubLens, *, offline: bool) -> LensLabError:

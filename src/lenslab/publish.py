@@ -23,6 +23,7 @@ from typing import Any
 
 from lenslab.artifacts import CONFIG_FILE, FORMAT_NAME, PARAMS_FILE, read_lens, write_lens
 from lenslab.errors import LensLabError
+from lenslab.hub import offline
 from lenslab.io import atomic_write
 from lenslab.model_card import model_card
 from lenslab.model_source import HUB_ID, _is_network_error, is_hub_id
@@ -67,7 +68,7 @@ def push_lens(
         evaluation = _read_evaluation(Path(evaluation))
     if dry_run is not None:
         _check_dry_run_folder(Path(dry_run))
-    elif _offline():
+    elif offline():
         raise LensLabError(
             "lenslab push uploads to the hub, but HF_HUB_OFFLINE is set; unset it, or pass --dry-run --output DIR to "
             "only write the files."
@@ -130,12 +131,6 @@ def _from_dry_run(path: Path) -> bool:
 def _copy(source: Path, target: Path) -> Path:
     atomic_write(target, lambda temporary: shutil.copyfile(source, temporary))
     return target
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode()
 
 
 def _upload(folder: Path, repo_id: str, *, private: bool, token: str | None, message: str) -> str:
