@@ -23,6 +23,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 
 from lenslab import hub
 from lenslab.adapter import ModelView
+from lenslab.applications.transfer import OWN_TUNED, transfer_lenses
 from lenslab.cli import main
 from lenslab.compatibility import tuned_lens_unembed_hash
 from lenslab.errors import LensLabError
@@ -249,6 +250,15 @@ def test_lens_spec_names_and_loads_hub_lenses(zoo_lens, cache, view, tmp_path):
     lenses = spec.load(view)
     assert list(lenses) == ["logit", "hub", "mine"] and same_lens(lenses["hub"], zoo_lens, view)
     assert TransferSpec(lens="hub:gpt2").lens == "hub:gpt2"
+
+
+def test_transfer_takes_hub_lenses(zoo_lens, cache, view, tmp_path):
+    own = random_lens(view, 11)
+    own.save(tmp_path / "repo" / "own")
+    cache.add_folder("me/lenses", tmp_path / "repo")
+    lenses, note = transfer_lenses(view, "hub:gpt2", own_lens_dir="hf://me/lenses/own")
+    assert note["lens"] == "hub:gpt2" and note["base_model"] == "gpt2"  # another model's lens, shapes only
+    assert same_lens(lenses[OWN_TUNED], own, view)
 
 
 def test_show_reads_the_zoo_offline_end_to_end(zoo_lens, cache, tiny_lm_dir, tmp_path):
