@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lenslab.errors import LensLabError
-from lenslab.model_source import HUB_ID, _is_network_error, is_hub_id
+from lenslab.model_source import HUB_ID, _is_network_error, hub_offline, is_hub_id
 
 ZOO_REPO = "AlignmentResearch/tuned-lens"
 """The hub space of the tuned-lens package's published lenses."""
@@ -140,7 +140,7 @@ def resolve(reference: str, model: str | None = None) -> Path:
             raise
         raise explained from None
     if not lens.is_file and not _holds_lens(local):
-        raise _missing(lens, offline=offline())
+        raise _missing(lens, offline=hub_offline())
     return local
 
 
@@ -163,13 +163,6 @@ def _download(lens: HubLens) -> Path:
         allow_patterns=[prefix + name for name in LENS_FILES],
     )  # fmt: skip
     return Path(snapshot) / prefix
-
-
-def offline() -> bool:
-    """Whether HF_HUB_OFFLINE forbids huggingface_hub to reach the hub."""
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE  # read when called, as huggingface_hub itself reads it
 
 
 def _explain(lens: HubLens, error: Exception) -> LensLabError | None:

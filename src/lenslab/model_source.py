@@ -50,11 +50,11 @@ def check_model_source(name_or_path: str, revision: str | None = None) -> None:
 
 def _check_hub(repo_id: str, revision: str | None) -> None:
     """Ask the hub for `repo_id` once, with a short timeout, instead of letting `from_pretrained` retry."""
-    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub import model_info, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     cached = isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
-    if constants.is_offline_mode():
+    if hub_offline():
         if not cached:
             raise LensLabError(
                 f"--model {repo_id} is not in the local cache and HF_HUB_OFFLINE is set; unset it to download the "
@@ -95,3 +95,12 @@ def _is_network_error(error: Exception) -> bool:
     """A connection, DNS, TLS or timeout failure, from the socket layer or from the hub's HTTP client."""
     package = type(error).__module__.split(".")[0]
     return isinstance(error, OSError) or package.startswith(("httpx", "requests", "urllib3"))
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE forbids huggingface_hub to reach the hub."""
+    from huggingface_hub import constants
+
+    # huggingface_hub >= 1.2 reads the variable when asked; older versions only at import.
+    is_offline_mode = getattr(constants, "is_offline_mode", None)
+    return is_offline_mode() if is_offline_mode is not None else constants.HF_HUB_OFFLINE

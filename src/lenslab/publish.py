@@ -23,10 +23,9 @@ from typing import Any
 
 from lenslab.artifacts import CONFIG_FILE, FORMAT_NAME, PARAMS_FILE, read_lens, write_lens
 from lenslab.errors import LensLabError
-from lenslab.hub import offline
 from lenslab.io import atomic_write
 from lenslab.model_card import model_card
-from lenslab.model_source import HUB_ID, _is_network_error, is_hub_id
+from lenslab.model_source import HUB_ID, _is_network_error, hub_offline, is_hub_id
 
 CARD_FILE = "README.md"
 PUBLISHED_FILES = (CARD_FILE, CONFIG_FILE, PARAMS_FILE)
@@ -68,7 +67,7 @@ def push_lens(
         evaluation = _read_evaluation(Path(evaluation))
     if dry_run is not None:
         _check_dry_run_folder(Path(dry_run))
-    elif offline():
+    elif hub_offline():
         raise LensLabError(
             "lenslab push uploads to the hub, but HF_HUB_OFFLINE is set; unset it, or pass --dry-run --output DIR to "
             "only write the files."
