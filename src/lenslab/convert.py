@@ -194,11 +194,14 @@ def _read_jacobian_artifact(path: Path, num_layers: int | None) -> AffineLens:
     metadata = dict(artifact.metadata)
     recorded = metadata.pop("lenslab", None)  # what `_write_jacobian` kept of a lenslab lens's record of its model
     recorded = recorded if isinstance(recorded, dict) else {}
-    if num_layers is None:
-        # TransformerLens records its target, the last block; lenslab the depth; a file with neither is taken as the
-        # published full fit, of blocks 0..L-2.
-        target, depth = metadata.get("target_layer"), recorded.get("num_hidden_layers")
-        num_layers = target + 1 if _is_count(target) else depth if _is_count(depth) else blocks[-1] + 2
+    # The depth the file records wins over the model's, so that `check_compatible` refuses a mismatch: TransformerLens
+    # records its target, the last block, and lenslab the depth; a file with neither and no model given is taken as
+    # the published full fit, of blocks 0..L-2.
+    target, depth = metadata.get("target_layer"), recorded.get("num_hidden_layers")
+    if _is_count(target) or _is_count(depth):
+        num_layers = target + 1 if _is_count(target) else depth
+    elif num_layers is None:
+        num_layers = blocks[-1] + 2
     if blocks[-1] > num_layers - 2:
         raise LensLabError(
             f"The Jacobian lens in {path} has a matrix for block {blocks[-1]}, but a {num_layers}-layer model has "
