@@ -208,6 +208,7 @@ def test_cli_converts_and_refuses_with_one_sentence(view, tmp_path, capsys):
     assert "No lens found at" in error and error.count("\n") == 1
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and tuned-lens: about 10 s on 2 cores
 @pytest.mark.skipif(not TUNED_LENS_PYTHON.is_file(), reason=f"no Python with tuned-lens at {TUNED_LENS_PYTHON}")
 def test_tuned_lens_package_loads_the_export(view, tmp_path):
     """tuned-lens's own `TunedLens.from_model_and_pretrained` reads the export and transforms as lenslab does."""
