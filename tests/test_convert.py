@@ -235,3 +235,18 @@ def test_tuned_lens_package_loads_the_export(view, tmp_path):
     assert len(out) == view.num_layers
     for position, transformed in enumerate(out):
         torch.testing.assert_close(transformed, source.transform(h, position), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_with_model_records_its_fingerprint_and_refuses_another(tiny_lm, tmp_path):
+    view = ModelView.from_model(tiny_lm.model)
+    d, blocks = view.d_model, range(view.num_layers - 1)
+    save_jacobian_artifact(JacobianArtifact({block: torch.eye(d) for block in blocks}, 2, d, {}), tmp_path / "j.pt")
+    out = tmp_path / "out"
+    command = ["convert", "--lens", str(tmp_path / "j.pt"), "--to", "lenslab", "-o", str(out)]
+    assert main([*command, "--model", str(tiny_lm.directory)]) == 0
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["unembed_fingerprint"] is not None and config["base_model"] == str(tiny_lm.directory)
+    assert load_lens(out, view).prompts == 2  # checked by its fingerprint: no warning that it cannot be
+    tuned(ModelView.from_model(tiny_model("gpt2")), bias=False).save(tmp_path / "other")
+    other = ["convert", "--lens", str(tmp_path / "other"), "--to", "tuned-lens", "-o", str(tmp_path / "x")]
+    assert main([*other, "--model", str(tiny_lm.directory)]) == 2
