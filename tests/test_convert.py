@@ -156,6 +156,7 @@ def test_a_lens_for_another_model_is_refused_with_model(view, tmp_path):
         convert_lens(tmp_path / "tuned", "tuned-lens", tmp_path / "out", view=other)
     assert not (tmp_path / "out").exists()
     convert_lens(tmp_path / "tuned", "tuned-lens", tmp_path / "out", view=other, check="shapes")
+    assert json.loads((tmp_path / "out" / CONFIG_FILE).read_text())["unembed_hash"] is None  # not the other's
 
 
 def test_a_lens_is_not_converted_into_its_own_layout(view, tmp_path):

@@ -105,8 +105,8 @@ def convert_lens(
 ) -> Conversion:
     """Read the lens at `source` and write it in layout `to` at `output` (see the module's docstring).
 
-    view: the lens's model, to check the lens against (`check`: "full" or "shapes", as `StoredLens.load`) and to
-    complete what the output records about it; None converts from the files alone.
+    view: the lens's model, to check the lens against (`check`: "full" or "shapes", as `StoredLens.load`) and, with
+    "full", to complete what the output records about it; None converts from the files alone.
     """
     source, output = Path(source), Path(output)
     if to not in LAYOUTS:
@@ -118,14 +118,16 @@ def convert_lens(
     lens = read_affine(source, num_layers=view.num_layers if view is not None else None)
     if view is not None:
         check_compatible(lens.config, view, source, check)
-        facts = model_facts(view)
-        missing = {key: value for key, value in facts.items() if getattr(lens.config, key) is None}
+    # A lens let through for a relative of its model (check="shapes") is not recorded as that relative's.
+    model = view if check == "full" else None
+    if model is not None:
+        missing = {key: value for key, value in model_facts(model).items() if getattr(lens.config, key) is None}
         lens.config = replace(lens.config, **missing)
     conversion = Conversion(output, to, layout, lens.config.kind)
     if to == "lenslab":
         _write_folder(output, source, lambda folder: _write_lenslab(lens, folder, layout))
     elif to == "tuned-lens":
-        _write_folder(output, source, lambda folder: _write_tuned_lens(lens, folder, view))
+        _write_folder(output, source, lambda folder: _write_tuned_lens(lens, folder, model))
     else:
         conversion.dropped = _write_jacobian(lens, output, layout)
     return conversion
