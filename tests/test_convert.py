@@ -18,7 +18,7 @@ import torch
 from tiny_models import tiny_model
 
 from lenslab import ModelView, TunedLens
-from lenslab.artifacts import CONFIG_FILE, PARAMS_FILE, TUNED_LENS_PARAMS_FILE
+from lenslab.artifacts import CONFIG_FILE, PARAMS_FILE, TUNED_LENS_PARAMS_FILE, LensConfig, read_lens, write_lens
 from lenslab.cli import main
 from lenslab.convert import MANIFEST, convert_lens
 from lenslab.errors import LensLabError, LensModelMismatch
@@ -251,3 +251,18 @@ def test_cli_with_model_records_its_fingerprint_and_refuses_another(tiny_lm, tmp
     tuned(ModelView.from_model(tiny_model("gpt2")), bias=False).save(tmp_path / "other")
     other = ["convert", "--lens", str(tmp_path / "other"), "--to", "tuned-lens", "-o", str(tmp_path / "x")]
     assert main([*other, "--model", str(tiny_lm.directory)]) == 2
+
+
+def test_any_kind_on_translators_converts_as_one_keeping_its_kind(view, tmp_path):
+    """A lens kind with TunedLens's translators (the linear lens) converts without the converter knowing it."""
+    lens = tuned(view, bias=True)
+    config = LensConfig(kind="linear", d_model=view.d_model, num_hidden_layers=view.num_layers, bias=True)
+    write_lens(tmp_path / "linear", config, lens.state_dict())
+    convert_lens(tmp_path / "linear", "tuned-lens", tmp_path / "tl")
+    convert_lens(tmp_path / "tl", "lenslab", tmp_path / "back")
+    back_config, tensors = read_lens(tmp_path / "back")
+    assert back_config.kind == "tuned"  # the tuned-lens layout records no kind: every lens in it is a tuned lens
+    for name, tensor in lens.state_dict().items():
+        torch.testing.assert_close(tensors[name], tensor)
+    with pytest.raises(LensLabError, match="linear lens has biases"):
+        convert_lens(tmp_path / "linear", "jacobian-lens", tmp_path / "j.pt")

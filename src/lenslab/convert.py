@@ -15,6 +15,8 @@ with the logit lens. Conversion reads the source into that form (`AffineLens`) a
   bias, so a lens whose bias is not zero (beyond float16 rounding) is refused, and none for the embeddings, so a
   translator there is dropped with a warning (readers use the logit lens at that position);
 - a lens without bias written in the tuned-lens layout gets zero biases (tuned-lens cannot build a lens without);
+- neither file layout records a kind: what is read from a tuned-lens folder is a tuned lens, from a J-lens file a
+  J-lens, whatever lens was written into it;
 - a lens is not converted into the layout it already has: copy it instead.
 
 Without a model, conversion reads only files, and keeps what the source records about its model. With one (`view`),
