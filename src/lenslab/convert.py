@@ -22,7 +22,8 @@ with the logit lens. Conversion reads the source into that form (`AffineLens`) a
 Without a model, conversion reads only files, and keeps what the source records about its model. With one (`view`),
 the lens is first checked against it (`check_compatible`), and what the output records is completed from it: a
 lenslab folder's unembedding fingerprint, the tuned-lens `unembed_hash`, and the depth of a J-lens artifact whose
-blocks do not show it.
+blocks do not show it. A J-lens artifact keeps lenslab's record of the model (fingerprint included) in its metadata,
+under "lenslab", so that a lens converted back from it is checked against its model as the original was.
 
 Outputs follow lenslab's rules: nothing lenslab did not write is replaced (`check_output`), and each is written
 whole or not at all. A folder is built beside the target and renamed into place, with a `lenslab-convert.json`
