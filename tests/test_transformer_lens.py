@@ -91,7 +91,7 @@ def test_lenslab_reads_what_transformer_lens_saves(view, tmp_path):
 
 
 @pytest.mark.slow  # two fits and an evaluation: about 5 s on a quiet 2-core CPU, 30 s on a busy one
-def test_lenslab_and_transformer_lens_fit_the_same_jacobian_lens(tiny_lm):
+def test_lenslab_and_transformer_lens_fit_the_same_jacobian_lens(tiny_lm, tmp_path):
     """Same model (the trained tiny GPT-2, float32), same prompts: the same J, and so the same held-out KL."""
     bridge = TransformerBridge.boot_transformers(
         str(tiny_lm.directory), hf_model=copy.deepcopy(tiny_lm.model), tokenizer=tiny_lm.tokenizer, device="cpu"
@@ -115,3 +115,15 @@ def test_lenslab_and_transformer_lens_fit_the_same_jacobian_lens(tiny_lm):
     kl_ours, kl_theirs = result.lenses["lenslab"].kl, result.lenses["transformer_lens"].kl
     assert kl_ours == pytest.approx(kl_theirs, rel=0.01, abs=1e-6)
     assert kl_ours[1] > kl_ours[view.num_layers - 1] > 0  # a lens that does something, not two identities
+
+    # TransformerLens validates lenslab's export against its model and reads out with it as with its own fit.
+    ours.save(tmp_path / "ours")
+    assert (
+        main(["convert", "--lens", str(tmp_path / "ours"), "--to", "jacobian-lens", "-o", str(tmp_path / "o.pt")]) == 0
+    )
+    exported = TLJacobianLens.from_pretrained(str(tmp_path / "o.pt"), model=bridge)
+    prompt = tiny_lm.heldout_text_path.read_text()[:300]
+    mine = exported.readout(bridge, prompt, return_full_logits=True).lens_logits
+    reference = theirs.readout(bridge, prompt, return_full_logits=True).lens_logits
+    for block in theirs.source_layers:
+        torch.testing.assert_close(mine[block], reference[block], rtol=1e-3, atol=5e-3)  # J in float16 in the file
