@@ -270,6 +270,16 @@ def test_show_reads_the_zoo_offline_end_to_end(zoo_lens, cache, tiny_lm_dir, tmp
     assert "tuned" in json.dumps(written) and "logit" in json.dumps(written)
 
 
+def test_convert_reads_a_hub_lens(cache, view, tmp_path):
+    d, count = view.d_model, len(fitted_positions(view))
+    lens = JacobianLens(view, torch.eye(d).repeat(count, 1, 1) + 0.01 * torch.randn(count, d, d), prompts=5)
+    write_jacobian_artifact(lens, tmp_path / "tiny.pt")
+    cache.add("me/jlens", {"tiny.pt": tmp_path / "tiny.pt"})
+    output = tmp_path / "as-tuned-lens"
+    assert main(["convert", "--lens", "hf://me/jlens/tiny.pt", "--to", "tuned-lens", "--output", str(output)]) == 0
+    assert same_lens(load_lens(output, view), load_lens(tmp_path / "tiny.pt", view), view)
+
+
 # --- publishing --------------------------------------------------------------------------------------------------
 
 

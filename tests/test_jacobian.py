@@ -221,3 +221,19 @@ def test_train_refuses_prompts_too_short_before_loading_the_model(tmp_path, caps
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "too short for the Jacobian lens" in error and "--seq-len 18" in error  # not a missing-model error
     assert not output.exists()
+
+
+def test_fit_freezes_trainable_weights_only_while_it_records_the_graph(view):
+    batch = prompts(view, 1, seed=3)
+    frozen = JacobianLens.fit(view, batch, dim_batch=8)
+    model = view.model
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    model.requires_grad_(True)
+    try:
+        trainable = JacobianLens.fit(view, batch, dim_batch=8)
+        assert all(parameter.requires_grad and parameter.grad is None for parameter in model.parameters())
+    finally:
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+    for position in range(1, view.num_layers):
+        torch.testing.assert_close(trainable.jacobian(position), frozen.jacobian(position))

@@ -74,6 +74,18 @@ def fingerprint_matches(stored: dict[str, Any], weight: torch.Tensor) -> bool:
     return bool(error <= FINGERPRINT_RTOL * current_sample.norm().clamp_min(1e-12))
 
 
+def model_facts(view: ModelView) -> dict[str, Any]:
+    """What a lens file records about its model, as `LensConfig` fields: its name and revision, the width of its
+    logits and the fingerprint of its unembedding that `check_compatible` compares."""
+    config = view.model.config
+    return {
+        "base_model": config.name_or_path or None,
+        "base_model_revision": getattr(config, "_commit_hash", None),
+        "vocab_size": view.vocab_size,
+        "unembed_fingerprint": unembed_fingerprint(view.unembedding_weight()),
+    }
+
+
 def check_compatible(config: LensConfig, view: ModelView, directory: Path, check: str) -> None:
     """Refuse a lens whose shapes (and, with check="full", model) differ from the model's.
 

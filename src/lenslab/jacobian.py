@@ -21,6 +21,7 @@ Lens positions here are lenslab's: block l's output is lens position l + 1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,20 @@ def prompt_jacobians(view: ModelView, prompt: Tensor, *, dim_batch: int = 32) ->
     def as_leaf(h: Tensor) -> Tensor:
         return h.detach().requires_grad_(True)
 
+    # Weights that require grad would add their own gradients to the graph, which makes a fit about ten times slower
+    # (the tiny test GPT-2 on a CPU); `lenslab.load_model` freezes them, a model loaded otherwise may not have, so
+    # they are frozen for the forward that records the graph and given their flags back after it.
+    trainable = [parameter for parameter in view.model.parameters() if parameter.requires_grad]
     handle = hook_residual(view, 0, as_leaf)
     try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
         with torch.enable_grad():
             hidden = capture_residuals(view, ids, positions=[*positions, last], need_logits=False).hidden
     finally:
         handle.remove()
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     final = hidden[last]
     sources = [hidden[p] for p in positions]
     jacobians = torch.zeros(len(positions), d, d, dtype=torch.float64)
@@ -188,59 +197,96 @@ class JacobianLens(StoredLens):
         return (h.to(matrix.device, matrix.dtype) @ matrix.T).to(h.dtype)
 
 
+@dataclass
+class JacobianArtifact:
+    """What a published J-lens file holds, its shapes checked but not yet matched to a model (`lenslab convert`
+    reads and writes these without one)."""
+
+    matrices: dict[int, Tensor]
+    """Block l -> J_l: [d_model, d_model] float32; block l's output is lens position l + 1."""
+    n_prompts: int
+    """How many prompts the matrices average over (0 for matrices that were not fitted, e.g. converted)."""
+    d_model: int
+    """Width of the residual stream."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Provenance; TransformerLens records its fit settings and model name here."""
+
+
 def write_jacobian_artifact(lens: JacobianLens, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
-    """Write the published J-lens artifact: a `.pt` of plain tensors and numbers (float16 matrices).
-
-    {"J": {block: [d, d]}, "n_prompts": int, "source_layers": [0..L-2], "d_model": int, "metadata": {...}}
-    """
+    """Write `lens` as the published J-lens artifact (`save_jacobian_artifact`), with `metadata` or the lens's own."""
     blocks = [p - 1 for p in fitted_positions(lens.view)]
-    artifact = {
-        "J": {block: lens.matrices[block].detach().to("cpu", torch.float16) for block in blocks},
-        "n_prompts": lens.prompts,
+    matrices = {block: lens.matrices[block].detach() for block in blocks}
+    provenance = {key: value for key, value in (metadata or lens.metadata).items() if key != "prompts"}
+    save_jacobian_artifact(JacobianArtifact(matrices, lens.prompts, lens.view.d_model, provenance), path)
+
+
+def save_jacobian_artifact(artifact: JacobianArtifact, path: str | Path) -> None:
+    """Write the published J-lens artifact atomically: a `.pt` of plain tensors and numbers (float16 matrices).
+
+    {"J": {block: [d, d]}, "n_prompts": int, "source_layers": [blocks], "d_model": int, "metadata": {...}}
+    """
+    blocks = sorted(artifact.matrices)
+    content = {
+        "J": {block: artifact.matrices[block].to("cpu", torch.float16) for block in blocks},
+        "n_prompts": artifact.n_prompts,
         "source_layers": blocks,
-        "d_model": lens.view.d_model,
-        "metadata": {key: value for key, value in (metadata or lens.metadata).items() if key != "prompts"},
+        "d_model": artifact.d_model,
+        "metadata": artifact.metadata,
     }
-    atomic_write(Path(path), lambda staged: torch.save(artifact, staged))
+    atomic_write(Path(path), lambda staged: torch.save(content, staged))
 
 
-def read_jacobian_artifact(path: str | Path, view: ModelView) -> JacobianLens:
-    """Load a J-lens artifact safely (`weights_only`: no code runs) for `view`'s model, checking every field."""
+def load_jacobian_artifact(path: str | Path) -> JacobianArtifact:
+    """Read a J-lens artifact safely (`weights_only`: no code runs), checking that it is a table of square matrices
+    of one width; which model it fits is the caller's question (`read_jacobian_artifact`)."""
     path = Path(path)
     try:
-        artifact = torch.load(path, map_location="cpu", weights_only=True)
+        content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many kinds for truncated or hostile files
         raise LensLabError(
             f"{path} is not a readable Jacobian-lens file ({type(error).__name__}: {str(error)[:200]}); "
             f"pass a .pt saved by TransformerLens's JacobianLens or `lenslab convert`."
         ) from None
-    if not isinstance(artifact, dict) or not isinstance(artifact.get("J"), dict):
+    if not isinstance(content, dict) or not isinstance(content.get("J"), dict) or not content["J"]:
         raise LensLabError(f"{path} has no 'J' table of matrices, so it is not a Jacobian-lens file.")
-    d = view.d_model
-    if artifact.get("d_model", d) != d:
-        raise LensLabError(
-            f"The Jacobian lens in {path} is for d_model {artifact.get('d_model')}, but this model has {d}; "
-            f"load a lens fitted for this model."
-        )
-    identity = torch.eye(d)
-    matrices = []
-    for position in fitted_positions(view):
-        matrix = artifact["J"].get(position - 1)
-        if matrix is None:
-            matrices.append(identity)  # a block the file leaves out is read by the logit lens
-            continue
+    first = next(iter(content["J"].values()))
+    d = content.get("d_model", first.shape[-1] if isinstance(first, Tensor) else None)
+    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+        raise LensLabError(f"{path} records d_model {d!r}, not a positive width; it is not a Jacobian-lens file.")
+    matrices = {}
+    for block, matrix in content["J"].items():
+        if not isinstance(block, int) or isinstance(block, bool) or block < 0:
+            raise LensLabError(f"{path} has a matrix under {block!r}, not a block number; it is not a J-lens file.")
         if not isinstance(matrix, Tensor) or tuple(matrix.shape) != (d, d):
             raise LensLabError(
                 f"The Jacobian lens in {path} holds a {getattr(matrix, 'shape', type(matrix).__name__)} entry "
-                f"for block {position - 1}, not a {d} x {d} matrix; load a lens fitted for this model."
+                f"for block {block}, not a {d} x {d} matrix; load a lens fitted for this model."
             )
-        matrices.append(matrix.float())
-    extra = sorted(set(artifact["J"]) - {p - 1 for p in fitted_positions(view)}, key=str)
+        matrices[block] = matrix.float()
+    prompts, metadata = content.get("n_prompts", 0), content.get("metadata") or {}
+    if not isinstance(prompts, int) or isinstance(prompts, bool) or prompts < 0 or not isinstance(metadata, dict):
+        raise LensLabError(f"{path} records n_prompts {prompts!r} or a metadata that is not a table; re-save it.")
+    return JacobianArtifact(matrices, prompts, d, metadata)
+
+
+def read_jacobian_artifact(path: str | Path, view: ModelView) -> JacobianLens:
+    """Load a J-lens artifact for `view`'s model, refusing one of another width or depth."""
+    artifact = load_jacobian_artifact(path)
+    d = view.d_model
+    if artifact.d_model != d:
+        raise LensLabError(
+            f"The Jacobian lens in {path} is for d_model {artifact.d_model}, but this model has {d}; "
+            f"load a lens fitted for this model."
+        )
+    blocks = [p - 1 for p in fitted_positions(view)]
+    extra = sorted(set(artifact.matrices) - set(blocks))
     if extra:
         raise LensLabError(
             f"The Jacobian lens in {path} has matrices for blocks {extra[:4]}, which this "
             f"{view.num_layers}-layer model does not fit; load a lens fitted for this model."
         )
-    lens = JacobianLens(view, torch.stack(matrices))
-    lens.metadata = {**(artifact.get("metadata") or {}), "prompts": int(artifact.get("n_prompts", 0))}
+    # A block the file leaves out is read by the logit lens.
+    identity = torch.eye(d)
+    lens = JacobianLens(view, torch.stack([artifact.matrices.get(block, identity) for block in blocks]))
+    lens.metadata = {**artifact.metadata, "prompts": artifact.n_prompts}
     return lens

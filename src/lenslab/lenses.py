@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from lenslab.adapter import ModelView
 from lenslab.artifacts import LensConfig, read_lens, write_lens
-from lenslab.compatibility import check_compatible, unembed_fingerprint
+from lenslab.compatibility import check_compatible, model_facts
 from lenslab.errors import LensLabError
 
 LOGITS_PER_CHUNK = 2**24
@@ -134,16 +134,12 @@ class StoredLens(Lens):
         The lens's own `metadata` (what it was trained or loaded with) is stored in the config for provenance,
         updated by the `metadata` given here, which the lens itself does not keep.
         """
-        model_config = self.view.model.config
         config = LensConfig(
             kind=self.kind,
             d_model=self.view.d_model,
             num_hidden_layers=self.view.num_layers,
             bias=self.bias,
-            base_model=model_config.name_or_path or None,
-            base_model_revision=getattr(model_config, "_commit_hash", None),
-            vocab_size=self.view.vocab_size,
-            unembed_fingerprint=unembed_fingerprint(self.view.unembedding_weight()),
+            **model_facts(self.view),
             metadata=self.metadata | metadata,
         )
         return write_lens(directory, config, self.state_dict())

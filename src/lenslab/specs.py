@@ -27,6 +27,8 @@ DTYPE_CHOICES = get_args(Dtype)
 DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 Units = Literal["bits-per-byte", "nats"]
 LensKind = Literal["tuned", "jacobian"]
+LensLayout = Literal["lenslab", "jacobian-lens", "tuned-lens"]
+"""`lenslab convert --to` values, `lenslab.convert.LAYOUTS`."""
 Stat = Literal["entropy", "prob", "rank", "kl", "target"]
 """Names of `lenslab.trajectory.STATISTIC_NAMES`, repeated here so that `--help` does not import torch."""
 HELDOUT_TOKENS = 65536
@@ -428,3 +430,26 @@ class TrainSpec:
     """Continue from the checkpoint in --output when it holds one of this configuration."""
     overwrite: bool = False
     """Replace a lens or checkpoint of another configuration in --output."""
+
+
+@dataclass
+class ConvertSpec:
+    """What `lenslab convert` reads, what it writes, and the model it may check the lens against."""
+
+    lens: str
+    """The lens to convert: a lenslab lens folder of any kind, a tuned-lens folder (config.json + params.pt), a
+    Jacobian-lens .pt file (TransformerLens, anthropics/jacobian-lens), or a hub reference (hub, hub:MODEL, hf://...)."""
+    to: LensLayout
+    """The layout to write: lenslab (a lens folder), jacobian-lens (the .pt that TransformerLens's JacobianLens.load
+    reads) or tuned-lens (the folder of the tuned-lens package)."""
+    output: Path
+    """Where to write it: a new or empty folder, or a .pt file for --to jacobian-lens."""
+    model: str | None = None
+    """The lens's model (hub id, folder or .gguf), loaded on the CPU, only to check the lens against it and to record
+    its unembedding fingerprint (lenslab) or hash (tuned-lens), and the depth of a J-lens file that does not show
+    it. Default: convert from the files alone."""
+    allow_model_mismatch: bool = False
+    """With --model: convert a lens made for another model of the same shape (e.g. the base of a fine-tune)."""
+
+    def __post_init__(self) -> None:
+        check_lens_references([self.lens])

@@ -19,7 +19,7 @@ from lenslab.cli.flags import Command
 from lenslab.errors import LensLabError
 
 # Subcommand modules, in the order `--help` lists them; each holds `COMMANDS`.
-MODULES = ["train", "eval", "show", "detect", "depth", "transfer", "cbe", "push", "example_model"]
+MODULES = ["train", "eval", "show", "detect", "depth", "transfer", "cbe", "convert", "push", "example_model"]
 
 
 def build_parser() -> argparse.ArgumentParser:

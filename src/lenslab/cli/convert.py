@@ -1,0 +1,56 @@
+"""`lenslab convert`: a lens from one layout into another, for the tools that read it.
+
+    lenslab convert --lens runs/gpt2-jacobian --to jacobian-lens --output gpt2-jlens.pt
+    lenslab convert --lens gpt2-jlens.pt --to tuned-lens --output gpt2-jlens-tuned
+    lenslab convert --lens tuned-lens/gpt2 --to lenslab --output runs/gpt2-tuned --model gpt2
+
+What converts exactly, what is refused and what is left out is `lenslab.convert`'s docstring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lenslab.cli import console
+from lenslab.cli.flags import Command, Spec
+from lenslab.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from lenslab.specs import ConvertSpec
+
+
+def run(spec: ConvertSpec) -> None:
+    from lenslab import hub
+    from lenslab.adapter import ModelView  # imported here so that `lenslab --help` does not pay for torch
+    from lenslab.convert import check_output, convert_lens, describe, source_layout
+
+    check_output(spec.output, spec.to)
+    # A hub lens is fetched, and a missing lens refused, before a model loads.
+    lens = hub.resolve(spec.lens, spec.model) if hub.is_reference(spec.lens) else Path(spec.lens)
+    source_layout(lens)
+    view = None
+    if spec.model is not None:
+        view = ModelView.from_model(ModelSpec(spec.model, dtype="float32", device="cpu").load().model)
+    check = "shapes" if spec.allow_model_mismatch else "full"
+    conversion = convert_lens(lens, spec.to, spec.output, view=view, check=check)
+    console.conclude([conversion.output], describe(conversion))
+
+
+COMMANDS = [
+    Command(
+        "convert", "convert a lens between lenslab, Jacobian-lens and tuned-lens files",
+        "Convert a lens between a lenslab folder (any kind), the Jacobian-lens .pt of TransformerLens and "
+        "anthropics/jacobian-lens, and the tuned-lens package's folder. J-lens block l is lenslab's position l+1, "
+        "and a tuned lens h + A h + b is J = I + A there. A lens with a bias cannot become a J-lens file (refused), "
+        "nor can a translator at the embeddings (dropped, with a warning); a lens without bias gets zero biases in "
+        "the tuned-lens layout. --model is optional: it checks the lens against the model and records the model's "
+        "fingerprint.",
+        (
+            Spec("lenslab.specs:ConvertSpec", flags={
+                "lens": {"metavar": "PATH"}, "output": {"names": ("--output", "-o"), "metavar": "PATH"},
+            }),
+        ),
+        run,
+    )
+]  # fmt: skip
