@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from lenslab.cli import main
 from lenslab.errors import LensLabError
 from lenslab.lenses import LogitLens, TunedLens
+from lenslab.plots import grid
 from lenslab.plots import html as html_plot
 from lenslab.plots import png as png_plot
 from lenslab.plots import terminal
@@ -177,7 +178,7 @@ def test_html_heatmaps_share_one_scale_and_mark_correct_next_tokens(trajectories
     for heatmap, trajectory in zip(heatmaps, trajectories):
         texts = trajectory.token_text
         top1 = [
-            [html_plot.label(html_plot.fit(texts[i], html_plot.CELL_CHARS)) for i in row]
+            [html_plot.label(grid.fit(texts[i], html_plot.CELL_CHARS)) for i in row]
             for row in trajectory.top_k_ids[..., 0].tolist()
         ]
         assert [list(row) for row in heatmap.text] == top1

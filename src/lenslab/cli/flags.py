@@ -55,13 +55,16 @@ class Spec:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: `run(*specs built from the flags)` returns the exit code (None for 0)."""
+    """A subcommand: its specs, built from the flags, go to `run`."""
 
     name: str
     help: str
     description: str
     specs: tuple[Spec, ...]
-    run: Callable[..., int | None]
+    run: str | Callable[..., int | None]
+    """A library function as "module:function", `(*specs, stage=...) -> lenslab.report.Report`, imported only when
+    the command runs (`lenslab.cli.console.run`); or a function of the command line's that returns the exit code
+    (None for 0)."""
 
 
 MODEL = Spec("lenslab.specs:ModelSpec", "model", flags={"max_memory": {"type": specs.max_memory}})
