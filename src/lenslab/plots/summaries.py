@@ -34,32 +34,33 @@ def shorten(name: str, width: int = 12) -> str:
 
 
 def eval_summary(result: EvalResult, written: list[Path], *, units: str = "bits-per-byte") -> Report:
-    """A layers x lenses table of cross-entropy, KL to the model and top-1 agreement (CE and KL in `units`), each
-    lens's columns headed in its kind's colour; the footnotes give the model's own CE in both units."""
+    """Three layers x lenses tables, so that they fit 80 columns with up to five lenses: KL to the model,
+    cross-entropy (both in `units`) and top-1 agreement, each lens headed by its shortened name in its kind's
+    colour; the footnotes give the model's own CE in both units."""
     factor = result.unit_factor(units)
-    unit = "bpb" if units == "bits-per-byte" else "nats"
-    table = Table(title=f"{shorten(result.model, 30)}: {result.tokens:,} held-out tokens")
-    table.add_column("layer")
-    for name in result.lenses:
-        style = kind_color(result.kinds.get(name, name))
-        for metric in (f"CE ({unit})", f"KL ({unit})", "top-1"):
-            table.add_column(Text(f"{shorten(name, 10)}\n{metric}", style=style), justify="right")
-    for position, layer in enumerate(result.layers):
-        cells = [layer]
-        for metrics in result.lenses.values():
-            cells += [
-                f"{metrics.ce[position] * factor:.3f}",
-                f"{metrics.kl[position] * factor:.3f}",
-                f"{metrics.top1_agreement[position]:.1%}",
-            ]
-        table.add_row(*cells)
+    unit = "bits/byte" if units == "bits-per-byte" else "nats/token"
+    metrics = {
+        f"KL to the model ({unit})": lambda m: [f"{value * factor:.3f}" for value in m.kl],
+        f"cross-entropy ({unit})": lambda m: [f"{value * factor:.3f}" for value in m.ce],
+        "top-1 agreement with the model": lambda m: [f"{share:.1%}" for share in m.top1_agreement],
+    }
+    tables = []
+    for title, cells in metrics.items():
+        first = not tables
+        table = Table(title=f"{shorten(result.model, 30)}, {result.tokens:,} tokens: {title}" if first else title)
+        table.add_column("layer")
+        for name in result.lenses:
+            table.add_column(Text(shorten(name, 10), style=kind_color(result.kinds.get(name, name))), justify="right")
+        for layer, *row in zip(result.layers, *(cells(m) for m in result.lenses.values())):
+            table.add_row(layer, *row)
+        tables.append(table)
     notes = [f"model CE {result.final_ce:.3f} nats/token", f"entropy {result.final_entropy:.3f} nats/token"]
     if result.nats_to_bits_per_byte is not None:
         notes += [
             f"CE {result.final_ce * result.nats_to_bits_per_byte:.3f} bits/byte",
             f"1 nat/token = {result.nats_to_bits_per_byte:.3f} bits/byte",
         ]
-    return Report(_eval_reading(result), written, [table], notes)
+    return Report(_eval_reading(result), written, tables, notes)
 
 
 def _eval_reading(result: EvalResult) -> tuple[str, str]:
