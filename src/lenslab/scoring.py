@@ -36,7 +36,7 @@ _HELDOUT_KEYS = ("heldout_tokens", "seq_len")
 
 Stage = Callable[[str, int | None], Callable[[int], None]]
 """Progress of a long call: `stage(description, total)` starts a stage (total None: of unknown length) and returns
-`advance(n)`, called as work is done (`lenslab.cli.console.stages` draws it)."""
+`advance(n)`, called as work is done (`lenslab.cli.console.run` draws it)."""
 
 
 @dataclass

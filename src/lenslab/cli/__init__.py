@@ -68,7 +68,3 @@ def main(argv: list[str] | None = None) -> int:
         # Every file is written to a temporary name and renamed into place, so none is left half-written.
         print(f"lenslab {args.command}: interrupted; no file was left half-written.", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

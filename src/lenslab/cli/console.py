@@ -3,9 +3,8 @@ within 80 columns with their footnotes broken between phrases, the files written
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -15,19 +14,10 @@ from lenslab.report import WIDTH, Report
 
 
 def run(function: str, specs: Sequence[object]) -> int:
-    """Call the library function `"module:function"` with `specs` and a progress bar per stage, then show its
-    report; the exit code is 0."""
+    """Call the library function `"module:function"` with `specs` and `stage=`, then show its report; the exit code
+    is 0. `stage(description, total)` starts a progress bar with an ETA (ending the previous one) and returns
+    `advance(n)`, which the library calls after each batch."""
     module, name = function.split(":")
-    with stages() as stage:
-        report = getattr(importlib.import_module(module), name)(*specs, stage=stage)
-    show(report)
-    return 0
-
-
-@contextlib.contextmanager
-def stages() -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
-    """A progress bar per stage of a library call: `stage(description, total)` starts one (ending the previous) and
-    returns `advance(n)`, which the library calls after each batch."""
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), transient=True,
@@ -39,7 +29,9 @@ def stages() -> Iterator[Callable[[str, int | None], Callable[[int], None]]]:
             task = progress.add_task(description, total=total)
             return lambda n: progress.advance(task, n)
 
-        yield stage
+        report = getattr(importlib.import_module(module), name)(*specs, stage=stage)
+    show(report)
+    return 0
 
 
 def show(report: Report) -> None:

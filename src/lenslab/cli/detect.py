@@ -18,6 +18,7 @@ of its own, not `lenslab detect make-attacks`, because `detect` requires `--mode
 
 from __future__ import annotations
 
+from lenslab.cli.eval import SCORING
 from lenslab.cli.flags import LENSES, MODEL, Command, Spec
 from lenslab.specs import positive_int
 
@@ -30,10 +31,8 @@ COMMANDS = [
         "make-attacks` builds a labelled test set from any multiple-choice file.",
         (
             MODEL, LENSES,
-            Spec("lenslab.specs:DetectSpec", "detection", flags={
-                "normal": FILE, "test": FILE, "output": {"names": ("--output", "-o"), "metavar": "FILE.json"},
-                "resamples": {"type": positive_int, "metavar": "N"},
-                "batch_size": {"type": positive_int, "metavar": "N"},
+            Spec("lenslab.specs:DetectSpec", "detection", flags=SCORING | {
+                "normal": FILE, "test": FILE, "resamples": {"type": positive_int, "metavar": "N"},
             }),
         ),
         "lenslab.runs:detect",
