@@ -4,6 +4,8 @@ subcommand's help showing its defaults."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -125,3 +127,16 @@ def test_every_default_is_in_the_help(command):
     for action in sub._actions:
         if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) and action.help:
             assert "%(default)s" in action.help, f"{command} {action.option_strings[0]}"
+
+
+def test_help_loads_no_framework():
+    """`lenslab --help` and every subcommand's help read the specs' source: torch, transformers and the plotting
+    libraries stay unloaded, so help is instant."""
+    code = (
+        "import sys\nfrom lenslab.cli import SUBCOMMANDS, main\nfor name in SUBCOMMANDS:\n    try:\n"
+        "        main([name, '--help'])\n    except SystemExit:\n        pass\n"
+        "loaded = {'torch', 'transformers', 'matplotlib', 'plotly', 'sklearn'} & set(sys.modules)\n"
+        "print(sorted(loaded), file=sys.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stderr.strip() == "[]"

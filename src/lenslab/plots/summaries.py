@@ -3,7 +3,7 @@ and a two-line reading of what it means, e.g. "the tuned lens is closer to the m
 layer; largest gap at layer 0".
 
 >>> shorten("/models/austen-gpt2-6l-lens-final", 12)
-'auste…s-final'
+'auste…-final'
 """
 
 from __future__ import annotations
