@@ -38,7 +38,7 @@ def eval_summary(result: EvalResult, written: list[Path], *, units: str = "bits-
     cross-entropy (both in `units`) and top-1 agreement, each lens headed by its shortened name in its kind's
     colour; the footnotes give the model's own CE in both units."""
     factor = result.unit_factor(units)
-    unit = "bits/byte" if units == "bits-per-byte" else "nats/token"
+    unit = "bpb" if units == "bits-per-byte" else "nats"
     metrics = {
         f"KL to the model ({unit})": lambda m: [f"{value * factor:.3f}" for value in m.kl],
         f"cross-entropy ({unit})": lambda m: [f"{value * factor:.3f}" for value in m.ce],
@@ -47,7 +47,9 @@ def eval_summary(result: EvalResult, written: list[Path], *, units: str = "bits-
     tables = []
     for title, cells in metrics.items():
         first = not tables
-        table = Table(title=f"{shorten(result.model, 30)}, {result.tokens:,} tokens: {title}" if first else title)
+        table = Table(
+            title=f"{shorten(result.model, 30)}, {result.tokens:,} held-out tokens: {title}" if first else title
+        )
         table.add_column("layer")
         for name in result.lenses:
             table.add_column(Text(shorten(name, 10), style=kind_color(result.kinds.get(name, name))), justify="right")
