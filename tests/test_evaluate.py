@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 from lenslab import evaluate
 from lenslab.adapter import ModelView
 from lenslab.cli import main
-from lenslab.cli.outputs import mark
 from lenslab.data import DataSpec, TokenData, prepare_tokens
 from lenslab.errors import LensLabError
 from lenslab.evaluate import EvalResult, evaluate_lenses, transfer_matrix
 from lenslab.lenses import LogitLens, TunedLens, layer_names
+from lenslab.outputs import mark
 from lenslab.plots import plot_curves, plot_transfer
 from lenslab.train import TrainConfig, train_lens
 

@@ -22,11 +22,11 @@ from lenslab import TunedLens
 from lenslab.adapter import ModelView
 from lenslab.artifacts import CONFIG_FILE, PARAMS_BACKUP, PARAMS_FILE, read_lens
 from lenslab.cli import main
-from lenslab.cli.outputs import check_output, mark
 from lenslab.compatibility import tuned_lens_unembed_hash
 from lenslab.data import DataSpec, iter_texts
 from lenslab.errors import LensLabError, LensModelMismatch
 from lenslab.model_source import check_model_source
+from lenslab.outputs import check_output, mark
 from lenslab.train import TrainConfig, train_lens
 from lenslab.train import loop as train_loop
 from lenslab.train.checkpoints import CHECKPOINT_DIR, LOG_FILE, RUN_FILE, load_checkpoint

@@ -13,14 +13,17 @@ from support.tiny_lm import load_tiny_lm
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lenslab.adapter import ModelView
 from lenslab.cli import main
 from lenslab.errors import LensLabError
+from lenslab.jacobian import ATTENTION_SINK_TOKENS, JacobianLens
 from lenslab.lenses import LogitLens, TunedLens
+from lenslab.plots import grid, terminal
 from lenslab.plots import html as html_plot
 from lenslab.plots import png as png_plot
-from lenslab.plots import terminal
+from lenslab.plots.palette import KIND_COLORS
 from lenslab.plots.scales import STATISTICS, statistic_label
-from lenslab.specs import Stat
+from lenslab.specs import LensSpec, Stat
 from lenslab.tokens import single_token_id, token_text, visible
 from lenslab.trajectory import TrajectoryConfig, compute_trajectories, encode_prompt
 
@@ -118,6 +121,45 @@ def test_lens_for_another_model_is_refused(tiny_lm, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_any_set_of_lenses_side_by_side_with_the_logit_lens(tiny_lm, lens_dir, tmp_path, capsys):
+    """Two tuned lenses (named by their folders, as they share a kind) and a Jacobian lens: one block each in the
+    JSON, the HTML, the PNG and the terminal, each in its kind's colour."""
+    view = ModelView.from_model(tiny_lm.model)
+    other_tuned = TunedLens.from_model(tiny_lm.model).save(tmp_path / "tuned-b")  # untrained: the logit lens
+    ids = encode_prompt(tiny_lm.tokenizer, f"{PROMPT} {PROMPT}")[: ATTENTION_SINK_TOKENS + 4]
+    jacobian_dir = JacobianLens.fit(view, ids[None], dim_batch=16).save(tmp_path / "jlens")
+    spec = LensSpec([lens_dir, other_tuned, jacobian_dir])
+    names = {"logit": "logit", lens_dir.name: "tuned", "tuned-b": "tuned", "jacobian": "jacobian"}
+    assert {name: lens.kind for name, lens in spec.load(view).items()} == names
+    flags = [flag for path in spec.lens for flag in ("--lens", path)]
+    for name in ("out.json", "out.html"):
+        code, _, err = run_show(capsys, "--model", tiny_lm.directory, *flags, "--top-k", 2, "-o", tmp_path / name,
+                                PROMPT)  # fmt: skip
+        assert code == 0, err
+    document = json.loads((tmp_path / "out.json").read_text())
+    assert {name: lens["kind"] for name, lens in document["lenses"].items()} == names
+    assert list(document["lenses"]) == list(names)
+    tops = [lens["top_k"][1] for lens in document["lenses"].values()]
+    assert tops[0] == tops[2] != tops[1]  # the untrained tuned lens is the logit lens, the trained one is not
+    page = (tmp_path / "out.html").read_text(encoding="utf-8")
+    labels = {"logit lens": "logit", f"tuned lens ({lens_dir.name})": "tuned", "tuned lens (tuned-b)": "tuned",
+              "jacobian lens": "jacobian"}  # fmt: skip
+    assert all(label in page for label in labels)
+    trajectories = compute_trajectories(view, spec.load(view), ids, tokenizer=tiny_lm.tokenizer)
+    panels = [a.text for a in html_plot.figure(trajectories).layout.annotations if "<b><span" in a.text]
+    assert panels == [
+        f'<b><span style="color:{KIND_COLORS[kind]}">{label}</span></b>' for label, kind in labels.items()
+    ]
+    # The first band's panels, one per lens; matplotlib keeps a left-aligned title apart from the centred one.
+    titles = [(ax.get_title(loc="left"), ax._left_title.get_color()) for ax in png_plot.figure(trajectories).axes[:4]]
+    assert titles == [
+        (f"{label}, tokens 0-{png_plot.tokens_per_band() - 1}", KIND_COLORS[kind]) for label, kind in labels.items()
+    ]
+    code, out, _ = run_show(capsys, "--model", tiny_lm.directory, *flags, PROMPT)
+    assert code == 0 and all(f"{label}, tokens 0-" in out for label in labels)
+    assert "it is the top prediction of the logit lens from" in out and "the jacobian lens from" in out
+
+
 EARLIER_PAGE = '<html><head><meta name="generator" content="lenslab 0.1.0"></head>an earlier run\'s view</html>'
 """Stands in for a page an earlier `lenslab show` wrote, which a new run may replace."""
 
@@ -177,7 +219,7 @@ def test_html_heatmaps_share_one_scale_and_mark_correct_next_tokens(trajectories
     for heatmap, trajectory in zip(heatmaps, trajectories):
         texts = trajectory.token_text
         top1 = [
-            [html_plot.label(html_plot.fit(texts[i], html_plot.CELL_CHARS)) for i in row]
+            [html_plot.label(grid.fit(texts[i], html_plot.CELL_CHARS)) for i in row]
             for row in trajectory.top_k_ids[..., 0].tolist()
         ]
         assert [list(row) for row in heatmap.text] == top1

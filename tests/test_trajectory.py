@@ -16,7 +16,8 @@ from lenslab.errors import LensLabError
 from lenslab.lenses import LogitLens, TunedLens
 from lenslab.plots.grid import row_labels
 from lenslab.plots.scales import STATISTICS, value_range
-from lenslab.trajectory import Trajectory, TrajectoryConfig, compute_trajectories, trajectories_to_dict
+from lenslab.trajectory import Trajectory, TrajectoryConfig, compute_trajectories
+from lenslab.trajectory_json import trajectories_to_dict, trajectory_to_dict
 
 TOP_K = 4
 
@@ -141,7 +142,7 @@ def test_json_layout_is_plain_json_with_nulls_where_undefined():
     view = sharp_view("gpt2")
     trajectories = compute_trajectories(view, [LogitLens(view), random_tuned_lens(view)], prompt(6),
                                         config=TrajectoryConfig(top_k=3, targets=(5,)))  # fmt: skip
-    single = json.loads(json.dumps(trajectories[0].to_dict(), allow_nan=False))
+    single = json.loads(json.dumps(trajectory_to_dict(trajectories[0]), allow_nan=False))
     assert single["lens"] == "logit" and single["layers"][-1] == "layer 2" and len(single["tokens"]) == 6
     assert len(single["top_k"]) == 3 and len(single["top_k"][0]) == 6 and len(single["top_k"][0][0]) == 3
     assert set(single["top_k"][0][0][0]) == {"token", "id", "prob"}

@@ -34,13 +34,8 @@ from rich.console import Console
 from lenslab.adapter import ModelView
 from lenslab.applications.depth import prediction_depth
 from lenslab.applications.transfer import transfer_lenses
-from lenslab.causal import (
-    ExtractionConfig,
-    capture_sample,
-    causal_fidelity,
-    extract_basis,
-    stimulus_response_alignment,
-)  # fmt: skip
+from lenslab.causal import ExtractionConfig
+from lenslab.causal.report import causal_report
 from lenslab.data import DataSpec, prepare_tokens
 from lenslab.evaluate import evaluate_lenses, transfer_matrix
 from lenslab.lenses import LogitLens, TunedLens
@@ -51,6 +46,7 @@ from lenslab.plots.depth import plot_depth_histogram
 from lenslab.plots.html import write_html
 from lenslab.plots.png import write_png
 from lenslab.plots.terminal import tables
+from lenslab.report import WIDTH
 from lenslab.train import TrainConfig, train_lens
 from lenslab.trajectory import TrajectoryConfig, compute_trajectories, encode_prompt
 
@@ -149,7 +145,7 @@ def show_figures(view: ModelView, tokenizer, lens: TunedLens, heldout: torch.Ten
     short = trajectories(encode_prompt(tokenizer, SHORT_PROMPT))
     write_png(short, output / "show.png", "entropy")
     write_html(short, output / "show.html", "entropy")
-    console = Console(record=True, width=120, color_system="truecolor", file=io.StringIO())
+    console = Console(record=True, width=WIDTH, color_system="truecolor", file=io.StringIO())
     for table in tables(short[:1], "entropy", width=console.width):
         console.print(table)
     console.save_svg(str(output / "show-terminal.svg"), title="lenslab show (logit lens, terminal)")
@@ -162,15 +158,8 @@ def show_figures(view: ModelView, tokenizer, lens: TunedLens, heldout: torch.Ten
 
 def fidelity_figure(view: ModelView, lens: TunedLens, ids: torch.Tensor, output: Path) -> None:
     """`lenslab cbe --lens ... --layers 0,2,4 --k 8` on ``ids`` (a small sample, to keep the run short)."""
-    layers = [0, 2, 4]
-    config = ExtractionConfig(k=8)
-    sample = capture_sample(view, ids, layers, batch_size=BATCH_SIZE)
-    fidelities, alignments = [], []
-    for layer in layers:
-        basis = extract_basis(lens, sample[layer], layer, config)
-        fidelities.append(causal_fidelity(view, lens, ids, sample[layer], basis, batch_size=BATCH_SIZE))
-        alignments.append(stimulus_response_alignment(view, lens, ids, sample[layer], layer, batch_size=BATCH_SIZE))
-    plot_fidelity(fidelities, alignments, output / "fidelity.png", model=view.model.config.name_or_path,
+    report = causal_report(view, lens, ids, [0, 2, 4], ExtractionConfig(k=8), batch_size=BATCH_SIZE)
+    plot_fidelity(report.fidelities, report.alignments, output / "fidelity.png", model=view.model.config.name_or_path,
                   lens_kind=lens.kind)  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from lenslab import __version__
 
 GENERATOR = f"lenslab {__version__}"
 """How lenslab signs the pictures and pages it writes (a PNG's "Software" chunk, an HTML page's generator meta tag),
-so that a later run recognises its own output and leaves everything else alone (`lenslab.cli.outputs`)."""
+so that a later run recognises its own output and leaves everything else alone (`lenslab.outputs`)."""
 
 
 @contextmanager

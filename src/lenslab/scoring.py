@@ -34,9 +34,9 @@ BATCH_TOKENS = 2**13
 _HELDOUT_KEYS = ("heldout_tokens", "seq_len")
 """What a lens's training record (`metadata["data"]`) must hold for `check_heldout` to know its held-out span."""
 
-Stage = Callable[[str, int], Callable[[int], None]]
-"""Progress of a long call: `stage(description, total)` starts a stage and returns `advance(n)`, called as work is
-done (`lenslab.cli.console.stages` draws it)."""
+Stage = Callable[[str, int | None], Callable[[int], None]]
+"""Progress of a long call: `stage(description, total)` starts a stage (total None: of unknown length) and returns
+`advance(n)`, called as work is done (`lenslab.cli.console.run` draws it)."""
 
 
 @dataclass

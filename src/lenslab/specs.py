@@ -329,6 +329,13 @@ class DepthSpec:
         return self.plot or self.output.with_suffix(".png")
 
 
+CAUSAL_FILES = ("bases.safetensors", "summary.json", "fidelity.png")
+"""What `lenslab cbe` writes into its output folder: the bases, the report as JSON, the fidelity figure."""
+CAUSAL_SEQ_LEN = 256
+"""`lenslab cbe`'s longest sequence when --seq-len is not given: many short sequences give resample ablation many
+partners and the sample more documents."""
+
+
 @dataclass
 class CausalSpec:
     """What `lenslab cbe` samples and where it writes its files."""
@@ -342,6 +349,11 @@ class CausalSpec:
     """Residuals sampled per layer: the first N held-out tokens, whole sequences."""
     batch_size: int | None = None
     """Sequences per forward pass. Default: about 8192 tokens' worth."""
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The files of `CAUSAL_FILES` in the output folder."""
+        return tuple(self.output / name for name in CAUSAL_FILES)
 
 
 @dataclass

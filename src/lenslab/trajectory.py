@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,8 +41,6 @@ from lenslab.tokens import token_texts
 logger = logging.getLogger(__name__)
 
 EMPTY_PROMPT = "The prompt is empty; pass some text as the PROMPT argument or with --prompt-file."
-JSON_FORMAT = "lenslab-trajectory"
-JSON_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -88,7 +86,9 @@ class Trajectory:
     model_name: str
     """Name or path of the model."""
     lens_name: str
-    """Kind of lens: "logit", "tuned", ..."""
+    """Name of the lens: its kind, or the name it was given (`lenslab.specs.LensSpec.names`)."""
+    lens_kind: str
+    """Kind of lens (`Lens.kind`): "logit", "tuned", "jacobian", ..."""
     layers: list[str]
     """Lens position names (``lenslab.lenses.layer_names``): "embeddings", "layer 1", ..., "layer L"."""
     input_ids: Tensor
@@ -187,50 +187,6 @@ class Trajectory:
         }[name]()
         return values.double().numpy()
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; rows in lens-position order (last = the model's output), nats, null = undefined."""
-        rows = self.top_k_ids.tolist()
-        probabilities = self.top_k_probs.tolist()
-        document: dict[str, Any] = {
-            "format": JSON_FORMAT,
-            "format_version": JSON_FORMAT_VERSION,
-            "model": self.model_name,
-            "lens": self.lens_name,
-            "start": self.start,
-            "tokens": self.tokens,
-            "token_ids": self.input_ids.tolist(),
-            "next_tokens": self.next_tokens,
-            "layers": self.layers,
-            "top_k": [
-                [
-                    [{"token": self.token_text[i], "id": i, "prob": p} for i, p in zip(ids, probs)]
-                    for ids, probs in zip(layer_ids, layer_probs)
-                ]
-                for layer_ids, layer_probs in zip(rows, probabilities)
-            ],
-            "entropy": _json_rows(self.entropy),
-            "kl_to_final": _json_rows(self.kl_to_final),
-            "next_token_rank": _json_rows(self.next_token_rank),
-            "next_token_prob": _json_rows(self.next_token_prob),
-        }
-        if self.target_logprob is not None:
-            document["targets"] = [self.token_text[i] for i in self.target_ids]
-            document["anti_targets"] = [self.token_text[i] for i in self.anti_target_ids]
-            document["target_logprob"] = _json_rows(self.target_logprob)
-            document["target_rank"] = _json_rows(self.target_rank)
-            document["target_score"] = _json_rows(self.target_score)
-        if self.anti_target_logprob is not None:
-            document["anti_target_logprob"] = _json_rows(self.anti_target_logprob)
-        return document
-
-
-def trajectories_to_dict(trajectories: Sequence[Trajectory]) -> dict[str, Any]:
-    """One trajectory's ``to_dict()``; several as ``{"lenses": {lens_name: to_dict(), ...}}``, in order."""
-    if len(trajectories) == 1:
-        return trajectories[0].to_dict()
-    lenses = {trajectory.lens_name: trajectory.to_dict() for trajectory in trajectories}
-    return {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION, "lenses": lenses}
-
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Tensor:
     """[tokens] int64 ids of ``text`` with the tokenizer's usual special tokens; an empty prompt is an error."""
@@ -243,18 +199,21 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> Tensor:
 @torch.inference_mode()
 def compute_trajectories(
     model: PreTrainedModel | ModelView,
-    lenses: Sequence[Lens],
+    lenses: Sequence[Lens] | Mapping[str, Lens],
     input_ids: Sequence[int] | Tensor,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     config: TrajectoryConfig | None = None,
 ) -> list[Trajectory]:
-    """Trajectories of several lenses over one prompt from one forward pass.
+    """Trajectories of several lenses over one prompt from one forward pass, each named by its key in `lenses`, or
+    by its kind when `lenses` is a sequence.
 
     input_ids: [tokens] or [1, tokens]. Token chunks are the outer loop and lens positions the inner one,
     so only [chunk, vocab] log-probabilities (final and current) are alive at any time.
     """
     config = config or TrajectoryConfig()
+    names = list(lenses) if isinstance(lenses, Mapping) else [lens.kind for lens in lenses]
+    lenses = list(lenses.values()) if isinstance(lenses, Mapping) else list(lenses)
     ids = _check_ids(input_ids)
     _check_lenses(model.model if isinstance(model, ModelView) else model, lenses)
     view = lenses[0].view
@@ -276,8 +235,8 @@ def compute_trajectories(
 
     model_name = view.model.config.name_or_path or type(view.model).__name__
     results = [
-        _empty(model_name, lens.kind, layer_names(view), ids[start:end].clone(), next_ids, start, top_k, config)
-        for lens in lenses
+        _empty(model_name, name, lens.kind, layer_names(view), ids[start:end].clone(), next_ids, start, top_k, config)
+        for name, lens in zip(names, lenses)
     ]
     for columns in chunks:
         final = _Final.from_logits(view.decode(hidden[-1][columns]).float())
@@ -312,7 +271,7 @@ class _Final(NamedTuple):
         return cls(probs, torch.linalg.vecdot(probs, logprobs))
 
 
-def _empty(model_name, lens_name, layers, input_ids, next_ids, start, top_k, config) -> Trajectory:
+def _empty(model_name, lens_name, lens_kind, layers, input_ids, next_ids, start, top_k, config) -> Trajectory:
     """A Trajectory of zeros for ``_fill`` to complete; ``token_text`` is set once all top-k ids are known."""
     n_positions, n_tokens = len(layers), len(input_ids)
 
@@ -322,6 +281,7 @@ def _empty(model_name, lens_name, layers, input_ids, next_ids, start, top_k, con
     return Trajectory(
         model_name=model_name,
         lens_name=lens_name,
+        lens_kind=lens_kind,
         layers=layers,
         input_ids=input_ids,
         next_ids=next_ids.clone(),
@@ -369,14 +329,6 @@ def _rank(logprobs: Tensor, chosen: Tensor) -> Tensor:
     """[c] 1-based rank of ``chosen`` ([c, 1] log-probs) among ``logprobs`` ([c, vocab]); ties share the best rank."""
     # Summing booleans as int32: the default int64 sum first copies [c, vocab] to int64, twice as slow.
     return (logprobs > chosen).sum(-1, dtype=torch.int32).long() + 1
-
-
-def _json_rows(values: Tensor) -> list[list[float | int | None]]:
-    """[P, N] -> nested lists, with NaN and negative ranks (undefined) as null."""
-    rows = values.tolist()
-    if values.dtype.is_floating_point:
-        return [[None if math.isnan(v) else v for v in row] for row in rows]
-    return [[None if v < 0 else v for v in row] for row in rows]
 
 
 def _check_ids(input_ids: Sequence[int] | Tensor) -> Tensor:

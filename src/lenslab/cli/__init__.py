@@ -1,9 +1,8 @@
 """The `lenslab` command line: one subcommand per job, each in its own module of this package.
 
-Each subcommand is a `Command`: the specs its flags are generated from (`lenslab.cli.flags`) and a `run` that takes
-those specs, makes one library call and reports the result: a table, a two-line reading, the files it wrote. The
-library underneath only returns results and raises `LensLabError` for bad input. Output paths are checked before
-any model loads (`lenslab.cli.outputs`).
+Each subcommand is a `Command`: the specs its flags are generated from (`lenslab.cli.flags`) and the one library
+call that takes them (`lenslab.runs`), whose `Report` the command line shows (`lenslab.cli.console`): tables, the
+files written, a two-line reading. The library raises `LensLabError` for bad input, before expensive work starts.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import os
 import sys
 
 from lenslab import __version__
+from lenslab.cli import console
 from lenslab.cli.flags import Command
 from lenslab.errors import LensLabError
 
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command: Command = args.command_
     try:
-        return int(command.run(*(spec.build(args) for spec in command.specs)) or 0)
+        specs = [spec.build(args) for spec in command.specs]
+        return console.run(command.run, specs) if isinstance(command.run, str) else int(command.run(*specs) or 0)
     except LensLabError as error:
         print(f"lenslab {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -67,7 +68,3 @@ def main(argv: list[str] | None = None) -> int:
         # Every file is written to a temporary name and renamed into place, so none is left half-written.
         print(f"lenslab {args.command}: interrupted; no file was left half-written.", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

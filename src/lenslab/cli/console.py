@@ -1,61 +1,63 @@
-"""What every subcommand prints: progress with an ETA on stderr; tables within 80 columns, their footnotes broken
-between phrases; the files written; and a two-line reading of the result on stdout."""
+"""What every subcommand shows: progress with an ETA on stderr while the library works, then its `Report`: tables
+within 80 columns with their footnotes broken between phrases, the files written, and the reading on stdout."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-WIDTH = 80
-"""Columns a table and its footnotes keep within."""
+from lenslab.report import WIDTH, Report
 
 
-@contextlib.contextmanager
-def stages() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """A progress bar per stage of a library call: `stage(description, total)` starts one (ending the previous) and
-    returns `advance(n)`, which the library calls after each batch."""
+def run(function: str, specs: Sequence[object]) -> int:
+    """Call the library function `"module:function"` with `specs` and `stage=`, then show its report; the exit code
+    is 0. `stage(description, total)` starts a progress bar with an ETA (ending the previous one) and returns
+    `advance(n)`, which the library calls after each batch."""
+    module, name = function.split(":")
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), transient=True,
     ) as progress:  # fmt: skip
 
-        def stage(description: str, total: int) -> Callable[[int], None]:
+        def stage(description: str, total: int | None) -> Callable[[int], None]:
             for task in progress.task_ids:
                 progress.remove_task(task)
             task = progress.add_task(description, total=total)
             return lambda n: progress.advance(task, n)
 
-        yield stage
+        report = getattr(importlib.import_module(module), name)(*specs, stage=stage)
+    show(report)
+    return 0
 
 
-def shorten(name: str, width: int = 12) -> str:
-    """A lens or model name that fits a column: a path's last part, its middle cut to `width` characters."""
-    name = Path(name).name or name
-    return name if len(name) <= width else f"{name[: (width - 1) // 2]}…{name[-(width // 2) :]}"
-
-
-def print_table(table: Table, footnotes: Sequence[str] = ()) -> None:
-    """`table` within `WIDTH` columns, then `footnotes` joined by "; " and broken only between them."""
+def show(report: Report) -> None:
+    """The report's tables within `WIDTH` columns and its footnotes, then `conclude`."""
     console = Console(width=min(Console().width, WIDTH))
-    console.print(table)
-    lines = [""]
-    for note in footnotes:
-        joined = f"{lines[-1]}; {note}" if lines[-1] else note
-        if len(joined) <= console.width or not lines[-1]:
+    for table in report.tables:
+        console.print(table)
+    for line in footer(report.footnotes, console.width):
+        console.print(line, style="dim", markup=False, highlight=False)
+    conclude(report.written, report.reading)
+
+
+def footer(notes: Sequence[str], width: int) -> list[str]:
+    """`notes` joined by "; " into lines of at most `width` characters, broken only between notes (a note longer
+    than `width` stands on a line of its own)."""
+    lines: list[str] = []
+    for note in notes:
+        if lines and len(joined := f"{lines[-1]}; {note}") <= width:
             lines[-1] = joined
         else:
             lines.append(note)
-    for line in filter(None, lines):
-        console.print(line, style="dim", markup=False, highlight=False)
+    return lines
 
 
-def conclude(written: Sequence[Path], reading: tuple[str, str]) -> None:
-    """Say which files were written (stderr), then the two-line reading of the result (stdout)."""
+def conclude(written: Sequence[Path], reading: Sequence[str]) -> None:
+    """Say which files were written (stderr), then the reading of the result (stdout)."""
     if written:
         Console(stderr=True).print("Wrote " + ", ".join(map(str, written)), markup=False, highlight=False)
     for line in reading:

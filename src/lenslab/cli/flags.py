@@ -55,13 +55,16 @@ class Spec:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: `run(*specs built from the flags)` returns the exit code (None for 0)."""
+    """A subcommand: its specs, built from the flags, go to `run`."""
 
     name: str
     help: str
     description: str
     specs: tuple[Spec, ...]
-    run: Callable[..., int | None]
+    run: str | Callable[..., int | None]
+    """A library function as "module:function", `(*specs, stage=...) -> lenslab.report.Report`, imported only when
+    the command runs (`lenslab.cli.console.run`); or a function of the command line's that returns the exit code
+    (None for 0)."""
 
 
 MODEL = Spec("lenslab.specs:ModelSpec", "model", flags={"max_memory": {"type": specs.max_memory}})
@@ -109,7 +112,8 @@ def _kind(annotation: ast.expr, converter: Callable | None) -> tuple[tuple | Non
         return tuple(ast.literal_eval(value) for value in values), many, converter or str
     if converter is None and ast.unparse(node) == "bool":
         return None, False, bool
-    return None, many, _argparse_type(converter or _TYPES[ast.unparse(node)])
+    # argparse words the errors of its own types best ("invalid int value: 'many'").
+    return None, many, _argparse_type(converter) if converter else _TYPES[ast.unparse(node)]
 
 
 def _argparse_type(converter: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -143,8 +147,7 @@ def _fields(path: str) -> list[tuple[str, ast.expr, Any, str]]:
     Aliases (`Dtype = Literal[...]`) and constants (`HELDOUT_TOKENS = 65536`) of the module are resolved.
     """
     module, name = path.split(":")
-    source = Path(lenslab.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
-    tree = ast.parse(source.read_text(encoding="utf-8"))
+    tree = ast.parse(_source(module).read_text(encoding="utf-8"))
     names = {
         node.targets[0].id: node.value for node in tree.body if isinstance(node, ast.Assign)
         and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
@@ -158,6 +161,11 @@ def _fields(path: str) -> list[tuple[str, ast.expr, Any, str]]:
         doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
         fields.append((node.target.id, annotation, _default(node.value, names), " ".join(doc.split())))
     return fields
+
+
+def _source(module: str) -> Path:
+    """The file of lenslab module `module`, found without importing it."""
+    return Path(lenslab.__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
 
 
 class _Aliases(ast.NodeTransformer):

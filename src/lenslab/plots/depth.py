@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from rich.console import Console
 from rich.table import Table
 
 from lenslab.applications.depth import DepthResult
 from lenslab.plots.palette import MODEL_COLOR, kind_color, save_png, short_model_name
 
 
-def print_depth_table(result: DepthResult, *, lens_kind: str, console: Console | None = None) -> None:
-    """Print tokens, mean loss and (with checkpoints) mean learning checkpoint per prediction depth."""
+def depth_table(result: DepthResult, *, lens_kind: str) -> Table:
+    """Tokens, mean loss and (with checkpoints) mean learning checkpoint per prediction depth."""
     summary = result.by_depth()
     caption = f"Spearman(depth, loss) = {_format(result.spearman_depth_loss)}"
     if result.learned is not None:
@@ -34,7 +33,7 @@ def print_depth_table(result: DepthResult, *, lens_kind: str, console: Console |
         if result.learned is not None:
             cells.append(_format(summary.mean_learned[depth]))
         table.add_row(*cells)
-    (console or Console()).print(table)
+    return table
 
 
 def plot_depth_histogram(result: DepthResult, path: str | Path, *, model: str, lens_kind: str) -> Path:

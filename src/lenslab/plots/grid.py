@@ -9,6 +9,7 @@ the next.
 
 from __future__ import annotations
 
+from lenslab.plots.palette import lens_label
 from lenslab.tokens import visible
 from lenslab.trajectory import Trajectory
 
@@ -39,8 +40,9 @@ def model_is_right(trajectory: Trajectory) -> list[bool | None]:
 
 
 def panel_title(trajectory: Trajectory, band: range, n_bands: int) -> str:
-    """ "tuned lens", or "tuned lens, tokens 12-23" when the prompt wraps (token numbers within the prompt)."""
-    title = f"{trajectory.lens_name} lens"
+    """ "tuned lens", or "tuned lens (run-a), tokens 12-23" for a lens named by its folder when the prompt wraps
+    (token numbers within the prompt)."""
+    title = lens_label(trajectory.lens_name, trajectory.lens_kind)
     if n_bands == 1:
         return title
     return f"{title}, tokens {trajectory.start + band.start}-{trajectory.start + band.stop - 1}"

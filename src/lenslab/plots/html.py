@@ -18,18 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from lenslab.io import GENERATOR, atomic_write
-from lenslab.plots.grid import (
-    CELL_TEXT,
-    CORRECT_COLOR,
-    CORRECT_MARK,
-    MISSED_COLOR,
-    NEXT_LABEL,
-    fit,
-    model_is_right,
-    panel_title,
-    row_labels,
-    token_bands,
-)  # fmt: skip
+from lenslab.plots import grid
 from lenslab.plots.palette import kind_color, short_model_name
 from lenslab.plots.scales import STATISTICS, statistic_label, value_range
 from lenslab.tokens import visible
@@ -65,13 +54,13 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
     low, high = value_range(trajectories, stat)
     transform = np.log10 if statistic.log_scale else (lambda values: values)
     first = trajectories[0]
-    bands = token_bands(first.entropy.shape[1], TOKENS_PER_BAND)
+    bands = grid.token_bands(first.entropy.shape[1], TOKENS_PER_BAND)
     hovers = [_hover_texts(trajectory, stat) for trajectory in trajectories]
     panels = [(band, trajectory, hover) for band in bands for trajectory, hover in zip(trajectories, hovers)]
     height = page_height(trajectories)
     fig = make_subplots(
         rows=len(panels), cols=1, vertical_spacing=PANEL_GAP / height,
-        subplot_titles=[_colored(panel_title(t, band, len(bands)), t.lens_name) for band, t, _ in panels],
+        subplot_titles=[_colored(grid.panel_title(t, band, len(bands)), t.lens_kind) for band, t, _ in panels],
     )  # fmt: skip
     marks: list[dict] = []
     rows = list(range(first.num_positions))
@@ -83,7 +72,7 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
                 x=list(range(len(band))),
                 y=rows,
                 text=[
-                    [label(fit(trajectory.token_text[i], CELL_CHARS)) for i in row_ids[columns]]
+                    [label(grid.fit(trajectory.token_text[i], CELL_CHARS)) for i in row_ids[columns]]
                     for row_ids in trajectory.top_k_ids[:, :, 0].tolist()
                 ],  # fmt: skip
                 texttemplate="%{text}",
@@ -99,12 +88,12 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
             col=1,
         )
         fig.update_xaxes(
-            tickvals=list(range(len(band))), ticktext=[label(fit(trajectory.tokens[t], CELL_CHARS)) for t in band],
+            tickvals=list(range(len(band))), ticktext=[label(grid.fit(trajectory.tokens[t], CELL_CHARS)) for t in band],
             range=[-0.5, TOKENS_PER_BAND - 0.5] if len(bands) > 1 else None, showgrid=False, row=row, col=1,
         )  # fmt: skip
         axis = "" if row == 1 else str(row)
         marks += _next_token_marks(trajectory, band, f"x{axis}", f"y{axis}")
-    fig.update_yaxes(tickvals=rows, ticktext=row_labels(first), showgrid=False)
+    fig.update_yaxes(tickvals=rows, ticktext=grid.row_labels(first), showgrid=False)
     colorbar = {"title": {"text": html.escape(statistic_label(first, stat)), "side": "right"}, "len": 0.5, "y": 1,
                 "yanchor": "top"}  # fmt: skip
     if statistic.log_scale:
@@ -113,7 +102,7 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> go.Figu
     title = f"{html.escape(short_model_name(first.model_name))}: {html.escape(statistic_label(first, stat))}"
     fig.update_layout(
         title={
-            "text": f"{title}<br><sup>rows: lens positions; {CELL_TEXT}; above: {NEXT_LABEL}</sup>",
+            "text": f"{title}<br><sup>rows: lens positions; {grid.CELL_TEXT}; above: {grid.NEXT_LABEL}</sup>",
             "x": 0.01,
             "y": 0.995,
             "yref": "container",
@@ -174,7 +163,7 @@ def _hover_texts(trajectory: Trajectory, stat: str) -> list[list[str]]:
     target = trajectory.statistic("target").tolist() if trajectory.target_ids else None
     target_label = html.escape(statistic_label(trajectory, "target")) if trajectory.target_ids else ""
     rows = []
-    for p, layer in enumerate(row_labels(trajectory)):
+    for p, layer in enumerate(grid.row_labels(trajectory)):
         row = []
         for t in range(len(inputs)):
             figures = {"entropy": f"entropy {entropy[p][t]:.3f} nats", "kl": f"KL to final {kl[p][t]:.3f} nats"}
@@ -194,18 +183,18 @@ def _hover_texts(trajectory: Trajectory, stat: str) -> list[list[str]]:
 
 def _next_token_marks(trajectory: Trajectory, band: range, xref: str, yref: str) -> list[dict]:
     """Annotations above each column of ``band`` with the true next token, ✓ where the model's top-1 is right."""
-    right = model_is_right(trajectory)
+    right = grid.model_is_right(trajectory)
     top = trajectory.num_positions - 0.5
     marks = []
     for column, t in enumerate(band):
         if right[t] is None:
             continue
-        text = label(fit(trajectory.token_text[int(trajectory.next_ids[t])], CELL_CHARS))
+        text = label(grid.fit(trajectory.token_text[int(trajectory.next_ids[t])], CELL_CHARS))
         marks.append(
             dict(
                 x=column, y=top, xref=xref, yref=yref, yanchor="bottom", showarrow=False,
-                text=f"<b>{CORRECT_MARK}{text}</b>" if right[t] else text,
-                font={"color": CORRECT_COLOR if right[t] else MISSED_COLOR, "size": 11},
+                text=f"<b>{grid.CORRECT_MARK}{text}</b>" if right[t] else text,
+                font={"color": grid.CORRECT_COLOR if right[t] else grid.MISSED_COLOR, "size": 11},
             )
         )  # fmt: skip
     return marks

@@ -16,18 +16,7 @@ from matplotlib import colormaps, font_manager, rc_context
 from matplotlib.figure import Figure
 
 from lenslab.errors import LensLabError
-from lenslab.plots.grid import (
-    CELL_TEXT,
-    CORRECT_COLOR,
-    CORRECT_MARK,
-    MISSED_COLOR,
-    NEXT_LABEL,
-    fit,
-    model_is_right,
-    panel_title,
-    row_labels,
-    token_bands,
-)  # fmt: skip
+from lenslab.plots import grid
 from lenslab.plots.palette import DPI, kind_color, save_png, short_model_name
 from lenslab.plots.scales import STATISTICS, color_norm, is_dark, statistic_label, value_range
 from lenslab.trajectory import Trajectory
@@ -70,7 +59,7 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> Figure:
     norm = color_norm(stat, value_range(trajectories, stat))
     cmap = colormaps[STATISTICS[stat].colormap]
     first = trajectories[0]
-    bands = token_bands(first.entropy.shape[1], tokens_per_band())
+    bands = grid.token_bands(first.entropy.shape[1], tokens_per_band())
     fig = Figure(figsize=size_inches(trajectories), layout="constrained")
     # Every panel as wide as a full band, so a column sits at the same place in every band.
     axes = fig.subplots(len(bands) * len(trajectories), 1, squeeze=False)[:, 0]
@@ -82,19 +71,23 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> Figure:
                 image = ax.imshow(values, cmap=cmap, norm=norm, origin="lower", aspect="auto", interpolation="nearest")
                 ax.set_xlim(-0.5, len(bands[0]) - 0.5)
                 _write_cells(ax, trajectory, band, cmap(norm(values)))
-                ax.set_xticks(range(len(band)), [fit(trajectory.tokens[t], CELL_CHARS) for t in band], fontsize=6.5)
-                ax.set_yticks(range(trajectory.num_positions), row_labels(trajectory), fontsize=7)
+                ax.set_xticks(
+                    range(len(band)), [grid.fit(trajectory.tokens[t], CELL_CHARS) for t in band], fontsize=6.5
+                )
+                ax.set_yticks(range(trajectory.num_positions), grid.row_labels(trajectory), fontsize=7)
                 ax.tick_params(length=0)
-                ax.set_title(panel_title(trajectory, band, len(bands)), fontsize=8, loc="left",
-                             color=kind_color(trajectory.lens_name), fontweight="bold")  # fmt: skip
+                ax.set_title(grid.panel_title(trajectory, band, len(bands)), fontsize=8, loc="left",
+                             color=kind_color(trajectory.lens_kind), fontweight="bold")  # fmt: skip
                 next_axis = _next_token_axis(ax, trajectory, band)
                 if ax is axes[0]:
-                    next_axis.set_xlabel(NEXT_LABEL, fontsize=7)
+                    next_axis.set_xlabel(grid.NEXT_LABEL, fontsize=7)
         fig.colorbar(image, ax=list(axes), location="bottom", label=statistic_label(first, stat), shrink=0.6,
                      aspect=40, pad=0.01)  # fmt: skip
         axes[-1].set_xlabel("input token", fontsize=7)
         fig.supylabel("lens position", fontsize=8)
-        fig.suptitle(f"{short_model_name(first.model_name)}: {statistic_label(first, stat)} ({CELL_TEXT})", fontsize=9)
+        fig.suptitle(
+            f"{short_model_name(first.model_name)}: {statistic_label(first, stat)} ({grid.CELL_TEXT})", fontsize=9
+        )
     return fig
 
 
@@ -117,23 +110,23 @@ def _write_cells(ax, trajectory: Trajectory, band: range, backgrounds: np.ndarra
     top1 = trajectory.top_k_ids[:, band.start : band.stop, 0].numpy()
     for (p, t), token_id in np.ndenumerate(top1):
         color = "white" if is_dark(backgrounds[p, t]) else "black"
-        ax.text(t, p, fit(trajectory.token_text[int(token_id)], CELL_CHARS), ha="center", va="center", fontsize=5.5,
-                color=color, clip_on=True)  # fmt: skip
+        text = grid.fit(trajectory.token_text[int(token_id)], CELL_CHARS)
+        ax.text(t, p, text, ha="center", va="center", fontsize=5.5, color=color, clip_on=True)
 
 
 def _next_token_axis(ax, trajectory: Trajectory, band: range):
     """Top axis: the true next token above each column, green and bold with ✓ where the model's top-1 is right."""
-    right = model_is_right(trajectory)[band.start : band.stop]
+    right = grid.model_is_right(trajectory)[band.start : band.stop]
     next_ids = trajectory.next_ids[band.start : band.stop].tolist()
     labels = [
-        "" if n < 0 else (CORRECT_MARK if correct else "") + fit(trajectory.token_text[n], CELL_CHARS)
+        "" if n < 0 else (grid.CORRECT_MARK if correct else "") + grid.fit(trajectory.token_text[n], CELL_CHARS)
         for n, correct in zip(next_ids, right)
     ]
     top = ax.secondary_xaxis("top")
     top.set_xticks(range(len(labels)), labels, fontsize=6.5)
     top.tick_params(length=0)
     for tick_label, correct in zip(top.get_xticklabels(), right):
-        tick_label.set_color(CORRECT_COLOR if correct else MISSED_COLOR)
+        tick_label.set_color(grid.CORRECT_COLOR if correct else grid.MISSED_COLOR)
         tick_label.set_fontweight("bold" if correct else "normal")
     return top
 

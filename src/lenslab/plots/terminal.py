@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lenslab.plots.grid import CELL_TEXT, CORRECT_MARK, NEXT_LABEL, fit, model_is_right, row_labels, token_bands
+from lenslab.plots.palette import lens_label
 from lenslab.plots.scales import STATISTICS, color_norm, is_dark, statistic_label, value_range
 from lenslab.trajectory import Trajectory
 
@@ -62,8 +63,8 @@ def _table(trajectory: Trajectory, stat_label: str, columns: range, backgrounds:
     """One table of ``columns`` (token indices within the trajectory)."""
     start = trajectory.start
     table = Table(
-        title=f"{trajectory.lens_name} lens, tokens {start + columns.start}-{start + columns.stop - 1}: "
-        f"colour = {stat_label}",
+        title=f"{lens_label(trajectory.lens_name, trajectory.lens_kind)}, tokens {start + columns.start}-"
+        f"{start + columns.stop - 1}: colour = {stat_label}",
         show_lines=False, pad_edge=False, collapse_padding=True, caption_justify="left",
     )  # fmt: skip
     table.add_column("", justify="right", no_wrap=True)

@@ -11,7 +11,8 @@ recognised by its content:
 - `.jsonl`: a first record with "prompt", "choices" and "label", as `lenslab make-attacks` writes;
 - `.safetensors`: metadata with "layers", as `lenslab cbe` writes its bases.
 
-Anything else (a README, a photo, another program's JSON) is left alone. Kept free of heavy imports.
+Anything else (a README, a photo, another program's JSON) is left alone. Kept free of heavy imports: the command
+line checks its outputs before torch loads.
 """
 
 from __future__ import annotations
