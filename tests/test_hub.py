@@ -173,6 +173,23 @@ def test_hub_needs_a_hub_id(cache, tiny_lm):
         load_lens("hub", local)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--output", "{out}/eval.json"], ["show", "a prompt"], ["depth", "--output", "{out}/depth.json"],
+        ["cbe", "--output", "{out}/cbe.safetensors"],
+    ],
+)  # fmt: skip
+def test_a_hub_lens_is_refused_before_the_model_loads(cache, tiny_lm_dir, monkeypatch, capsys, tmp_path, command):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the hub lens was checked")
+
+    monkeypatch.setattr("lenslab.specs.ModelSpec.load", load)
+    name, *rest = (word.format(out=tmp_path) for word in command)
+    assert main([name, "--model", str(tiny_lm_dir), "--lens", "hub", *rest]) == 2
+    assert "pass --lens hub:MODEL_ID" in capsys.readouterr().err
+
+
 def test_a_zoo_entry_not_in_the_cache_offline_says_so(zoo_lens, view):
     with pytest.raises(LensLabError, match="not in the Hugging Face cache.*unset HF_HUB_OFFLINE"):
         load_lens("hub:EleutherAI/pythia-70m-deduped", view)

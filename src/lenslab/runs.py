@@ -58,6 +58,7 @@ def evaluate(
     if spec.transfer and not lenses.lens:
         raise LensLabError("--transfer needs a trained lens to apply at other layers; pass --lens DIR.")
     _check_eval_outputs("eval", spec)
+    lenses.fetch(model)  # a hub lens the hub lacks is refused before the model loads
     loaded = model.load()
     view = ModelView.from_model(loaded.model)
     loaded_lenses = lenses.load(view)  # before the data is read, so that a lens for another model fails at once
@@ -73,6 +74,7 @@ def transfer(
     from lenslab.applications.transfer import BASE_TUNED, OWN_TUNED, transfer_lenses
 
     _check_eval_outputs("transfer", spec)
+    lenses.fetch(model)  # a hub lens the hub lacks is refused before the model loads
     loaded = model.load()
     view = ModelView.from_model(loaded.model)
     # Before the data is read, so that a lens of the wrong shape fails at once; a warning says what is relaxed.
@@ -128,6 +130,7 @@ def show(
         raise LensLabError(
             "--stat target shows the target's log-probability, but no target was given; pass --target TOKEN."
         )
+    lenses.fetch(model)  # a hub lens the hub lacks is refused before the model loads
     loaded = model.load()
     view = ModelView.from_model(loaded.model)
     config = replace(
@@ -174,6 +177,7 @@ def detect(model: ModelSpec, lenses: LensSpec, spec: DetectSpec, *, stage: Stage
     check_output(spec.output, "--output", (".json",), "detect")
     normal = read_choice_prompts(spec.normal, "--normal")
     test = read_choice_prompts(spec.test, "--test")
+    lenses.fetch(model)  # a hub lens the hub lacks is refused before the model loads
     loaded = model.load()
     view = ModelView.from_model(loaded.model)
     chosen = {name: lens for name, lens in lenses.pair(view).items() if features in ("both", name)}
@@ -214,6 +218,7 @@ def depth(model: ModelSpec, lenses: LensSpec, text: TextSpec, spec: DepthSpec, *
 
     check_output(spec.output, "--output", (".json",), "depth")
     check_output(spec.plot_path, "--plot", (".png",), "depth")
+    lenses.fetch(model)  # a hub lens the hub lacks is refused before the model loads
     loaded = model.load()
     view = ModelView.from_model(loaded.model)
     lens = lenses.one(view)
@@ -249,6 +254,7 @@ def causal(
     paths = spec.paths
     for path in paths:
         check_output(path, "--output", (path.suffix,), "cbe")
+    lenses.fetch(model)  # a hub lens the hub lacks is refused before the model loads
     loaded = model.load()
     view = ModelView.from_model(loaded.model)
     lens = lenses.one(view)

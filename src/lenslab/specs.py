@@ -103,6 +103,16 @@ def check_lens_references(lenses: list[str]) -> None:
             hub.parse(str(lens))
 
 
+def fetch_hub_lenses(lenses: list[str], model: str) -> None:
+    """Download the hub lenses among `lenses` for `model` (its hub id or path) before the model loads, so that one the
+    hub lacks is refused at once; loading them later reads the hub's cache."""
+    from lenslab import hub
+
+    for lens in lenses:
+        if hub.is_reference(lens):
+            hub.resolve(lens, model)
+
+
 @dataclass
 class ModelSpec:
     """Which model to load, and onto which devices (`lenslab.load_model`)."""
@@ -193,6 +203,10 @@ class LensSpec:
     def __post_init__(self) -> None:
         check_lens_references(self.lens)
 
+    def fetch(self, model: ModelSpec) -> None:
+        """Download the hub lenses before `model` loads (`fetch_hub_lenses`)."""
+        fetch_hub_lenses(self.lens, model.model)
+
     def names(self) -> dict[str, str | Path]:
         """Each lens by name: its kind ("tuned", "jacobian"), or its folder's name where two share a kind (for a hub
         lens its folder's or repository's, "hub" for the zoo entry of --model), made unique with -2, -3... The same
@@ -275,7 +289,14 @@ class TransferSpec:
     """Tuned lens trained on the fine-tuned --model, given as --lens is. Default: none."""
 
     def __post_init__(self) -> None:
-        check_lens_references([self.lens, *([self.own_lens] if self.own_lens else [])])
+        check_lens_references(self.references())
+
+    def references(self) -> list[str]:
+        return [self.lens, *([self.own_lens] if self.own_lens else [])]
+
+    def fetch(self, model: ModelSpec) -> None:
+        """Download the hub lenses before `model` loads (`fetch_hub_lenses`)."""
+        fetch_hub_lenses(self.references(), model.model)
 
 
 @dataclass
