@@ -20,6 +20,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import RepositoryNotFoundError
+from support.random_lens import random_tuned_lens
 
 from lenslab import hub
 from lenslab.adapter import ModelView
@@ -85,16 +86,6 @@ def view(tiny_lm, monkeypatch) -> ModelView:
     return ModelView.from_model(tiny_lm.model)
 
 
-def random_lens(view: ModelView, seed: int) -> TunedLens:
-    lens = TunedLens.from_model(view)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for translator in lens.translators:
-            translator.weight.copy_(0.05 * torch.randn(translator.weight.shape, generator=generator))
-            translator.bias.copy_(0.05 * torch.randn(translator.bias.shape, generator=generator))
-    return lens
-
-
 def tuned_lens_layout(directory: Path, lens: TunedLens, view: ModelView, model: str = MODEL_ID) -> Path:
     """`lens` as the tuned-lens package publishes it in its zoo, for `model`: config.json + params.pt."""
     directory.mkdir(parents=True)
@@ -116,9 +107,9 @@ def same_lens(a, b, view: ModelView) -> bool:
 @pytest.fixture
 def zoo_lens(cache, view, tmp_path) -> TunedLens:
     """The zoo's entry for `MODEL_ID`, cached, beside another model's."""
-    lens = random_lens(view, 0)
+    lens = random_tuned_lens(view, 0)
     folder = tuned_lens_layout(tmp_path / "zoo" / "lens" / MODEL_ID, lens, view)
-    tuned_lens_layout(tmp_path / "zoo" / "lens" / "gpt2", random_lens(view, 1), view, model="gpt2")
+    tuned_lens_layout(tmp_path / "zoo" / "lens" / "gpt2", random_tuned_lens(view, 1), view, model="gpt2")
     cache.add_folder(ZOO[0], tmp_path / "zoo", repo_type=ZOO[1])
     assert folder.is_dir()
     return lens
@@ -229,7 +220,7 @@ def test_a_repository_or_revision_the_hub_lacks_is_one_sentence(cache, view, mon
 
 
 def test_hf_loads_a_lens_folder_in_a_subfolder_and_only_its_files(cache, view, tmp_path):
-    lens = random_lens(view, 2)
+    lens = random_tuned_lens(view, 2)
     lens.save(tmp_path / "repo" / "tiny")
     (tmp_path / "repo" / "tiny" / "lenslab-train.log").write_text("not a lens file")
     cache.add_folder("me/lenses", tmp_path / "repo")
@@ -240,7 +231,7 @@ def test_hf_loads_a_lens_folder_in_a_subfolder_and_only_its_files(cache, view, t
 
 
 def test_hf_pins_a_revision(cache, view, tmp_path):
-    old, new = random_lens(view, 3), random_lens(view, 4)
+    old, new = random_tuned_lens(view, 3), random_tuned_lens(view, 4)
     old.save(tmp_path / "old")
     new.save(tmp_path / "new")
     first = cache.add_folder("me/lens", tmp_path / "old", ref="v1")
@@ -260,7 +251,7 @@ def test_hf_loads_a_jacobian_lens_file(cache, view, tmp_path):
 
 
 def test_lens_spec_names_and_loads_hub_lenses(zoo_lens, cache, view, tmp_path):
-    random_lens(view, 5).save(tmp_path / "repo" / "mine")
+    random_tuned_lens(view, 5).save(tmp_path / "repo" / "mine")
     cache.add_folder("me/lenses", tmp_path / "repo")
     spec = LensSpec(lens=["hub", "hf://me/lenses/mine", "hub"])
     assert spec.names() == {"hub": "hub", "mine": "hf://me/lenses/mine"}
@@ -270,7 +261,7 @@ def test_lens_spec_names_and_loads_hub_lenses(zoo_lens, cache, view, tmp_path):
 
 
 def test_transfer_takes_hub_lenses(zoo_lens, cache, view, tmp_path):
-    own = random_lens(view, 11)
+    own = random_tuned_lens(view, 11)
     own.save(tmp_path / "repo" / "own")
     cache.add_folder("me/lenses", tmp_path / "repo")
     lenses, note = transfer_lenses(view, "hub:gpt2", own_lens_dir="hf://me/lenses/own")
@@ -338,7 +329,7 @@ def eval_json(view: ModelView) -> dict:
 
 
 def test_push_uploads_the_lens_and_a_card_that_loads_back(uploads, cache, view, tmp_path, monkeypatch):
-    lens = random_lens(view, 6)
+    lens = random_tuned_lens(view, 6)
     lens.metadata = {"data": {"source": "austen.txt", "seq_len": 256, "train_sequences": 40}, "tokens_seen": 10240,
                      "training": {"config": {"steps": 10, "lr": 1.0}}}  # fmt: skip
     lens.save(tmp_path / "lens")
@@ -363,7 +354,7 @@ def test_push_uploads_the_lens_and_a_card_that_loads_back(uploads, cache, view, 
 
 
 def test_push_dry_run_writes_what_would_be_uploaded_and_uploads_nothing(uploads, view, tmp_path, capsys):
-    random_lens(view, 7).save(tmp_path / "lens")
+    random_tuned_lens(view, 7).save(tmp_path / "lens")
     args = ["push", "--lens", str(tmp_path / "lens"), "--repo", "me/tiny-lens", "--dry-run", "--output"]
     assert main([*args, str(tmp_path / "out")]) == 0
     assert uploads == []
@@ -382,7 +373,7 @@ def test_push_dry_run_writes_what_would_be_uploaded_and_uploads_nothing(uploads,
 
 
 def test_push_converts_a_tuned_lens_layout_and_needs_a_hub_id(uploads, view, tmp_path, tiny_lm_dir):
-    lens = random_lens(view, 8)
+    lens = random_tuned_lens(view, 8)
     tuned_lens_layout(tmp_path / "published", lens, view)
     published = push_lens(tmp_path / "published", "me/converted", dry_run=tmp_path / "out")
     assert published.url is None and not (tmp_path / "out" / "params.pt").exists()
@@ -396,7 +387,7 @@ def test_push_converts_a_tuned_lens_layout_and_needs_a_hub_id(uploads, view, tmp
 
 
 def test_push_refuses_bad_input_before_reading_the_lens(cache, view, tmp_path):
-    random_lens(view, 9).save(tmp_path / "lens")
+    random_tuned_lens(view, 9).save(tmp_path / "lens")
     with pytest.raises(LensLabError, match="HF_HUB_OFFLINE is set"):
         push_lens(tmp_path / "lens", "me/lens")
     with pytest.raises(LensLabError, match="pass OWNER/NAME"):
@@ -407,5 +398,5 @@ def test_push_refuses_bad_input_before_reading_the_lens(cache, view, tmp_path):
 
 
 def test_push_to_hub_on_a_lens(uploads, view):
-    published = random_lens(view, 10).push_to_hub("me/from-python")
+    published = random_tuned_lens(view, 10).push_to_hub("me/from-python")
     assert published.url is not None and [call["call"] for call in uploads] == ["create_repo", "upload_folder"]
