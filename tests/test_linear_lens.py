@@ -126,3 +126,18 @@ def test_train_help_documents_the_linear_kind():
     assert "--kind linear keeps that closed-form fit alone, with no training step" in text
     assert f"it reads {LINEAR_TOKENS:,} tokens unless --train-tokens says otherwise" in text
     assert f"for the linear lens {LINEAR_TOKENS}" in text
+
+
+def test_the_fit_reports_progress_over_every_token_it_reads():
+    from tiny_models import VOCAB, tiny_model
+
+    from lenslab.train.closed_form import fit_closed_form, tokens_read
+    from lenslab.train.distributed import Processes
+
+    view = ModelView.from_model(tiny_model("gpt2"))
+    tokens = torch.randint(3, VOCAB, (10, 16), generator=torch.Generator().manual_seed(0))
+    read: list[int] = []
+    fit_closed_form(view, LinearLens.from_model(view), tokens, 3, 1e-4, Processes(), progress=read.append)
+    assert sum(read) == tokens_read(tokens, Processes()) == tokens.numel()
+    assert read == [48, 48, 48, 16]  # 9 fitted sequences in micro-batches of 3, then the held-out one
+    assert tokens_read(tokens, Processes(rank=1, world_size=2)) == 4 * 16  # odd fitted rows; no held-out row
