@@ -4,7 +4,7 @@
 - on the trained tiny LM it is closer to the model than the logit lens on held-out text;
 - `lenslab train --kind linear` saves it as kind "linear", with the folder rules of every run (a finished run is
   left as it is, another configuration refused, an interrupted fit starts over), and `lenslab eval` names it;
-- `train --help` says what it is and how many tokens it reads.
+- `train --help` says what it is and how many tokens it reads; the fit reports progress over every token it reads.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 
 from lenslab.adapter import ModelView
 from lenslab.cli import build_parser, main
@@ -20,6 +21,8 @@ from lenslab.evaluate import evaluate_lenses
 from lenslab.lens_files import load_lens
 from lenslab.lenses import LinearLens, LogitLens, TunedLens
 from lenslab.train import TrainConfig, loop, train_lens
+from lenslab.train.closed_form import fit_closed_form, tokens_read
+from lenslab.train.distributed import Processes
 from lenslab.train.linear_fit import fit_linear_lens
 from lenslab.train.run import LINEAR_TOKENS
 
@@ -36,7 +39,6 @@ def test_the_linear_lens_is_the_fast_recipes_start(tiny_lm, monkeypatch):
     view = ModelView.from_model(tiny_lm.model)
     tokens = chunks(tiny_lm, tiny_lm.train_text_path, 16)
     starts = []
-    fit_closed_form = loop.fit_closed_form
 
     def recording(view, lens, *args, **kwargs):
         start = fit_closed_form(view, lens, *args, **kwargs)
@@ -129,11 +131,6 @@ def test_train_help_documents_the_linear_kind():
 
 
 def test_the_fit_reports_progress_over_every_token_it_reads():
-    from tiny_models import VOCAB, tiny_model
-
-    from lenslab.train.closed_form import fit_closed_form, tokens_read
-    from lenslab.train.distributed import Processes
-
     view = ModelView.from_model(tiny_model("gpt2"))
     tokens = torch.randint(3, VOCAB, (10, 16), generator=torch.Generator().manual_seed(0))
     read: list[int] = []
