@@ -111,3 +111,34 @@ def test_two_gloo_processes_fit_the_same_jacobian_lens_as_one(tmp_path):
     ]:
         for name, tensor in single.state_dict().items():
             torch.testing.assert_close(state[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _linear_worker(rank: int, world_size: int, port: int, root: Path) -> None:
+    """One torchrun-like process fitting the linear lens, its share of the sequences read, the sums averaged."""
+    from lenslab.train.linear_fit import fit_linear_lens
+
+    device = _join(rank, world_size, port)
+    try:
+        view = ModelView.from_model(tiny_model("gpt2").to(device))
+        fitted = fit_linear_lens(view, tokens(), micro_batch=2, output_dir=root / "linear", progress=False)
+        torch.save(fitted.lens.state_dict(), root / f"linear-rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+@pytest.mark.slow  # two fresh interpreters, as above
+def test_two_gloo_processes_fit_the_same_linear_lens_as_one(tmp_path):
+    from lenslab.lenses import LinearLens
+    from lenslab.train.linear_fit import fit_linear_lens
+
+    mp.spawn(_linear_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+
+    view = ModelView.from_model(tiny_model("gpt2"))
+    single = fit_linear_lens(view, tokens(), micro_batch=2, progress=False)
+    saved = LinearLens.load(tmp_path / "linear", view)
+    assert saved.metadata["processes"] == 2
+    for state in [saved.state_dict()] + [
+        torch.load(tmp_path / f"linear-rank{rank}.pt", weights_only=True) for rank in range(2)
+    ]:
+        for name, tensor in single.lens.state_dict().items():
+            torch.testing.assert_close(state[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

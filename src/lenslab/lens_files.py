@@ -17,16 +17,16 @@ from lenslab import hub
 from lenslab.adapter import ModelView
 from lenslab.errors import LensLabError
 from lenslab.jacobian import JacobianLens, read_jacobian_artifact
-from lenslab.lenses import Lens, StoredLens, TunedLens
+from lenslab.lenses import Lens, LinearLens, StoredLens, TunedLens
 
 logger = logging.getLogger(__name__)
 
-LENS_KINDS: dict[str, type[StoredLens]] = {kind.kind: kind for kind in (TunedLens, JacobianLens)}
+LENS_KINDS: dict[str, type[StoredLens]] = {kind.kind: kind for kind in (TunedLens, LinearLens, JacobianLens)}
 """The lens folder's `kind` -> the class that loads it."""
 
 
 def lens_kind(path: str | Path) -> str:
-    """The kind of lens at `path` ("tuned", "jacobian", ...), read without loading its tensors; a hub folder of
+    """The kind of lens at `path` ("tuned", "linear", "jacobian", ...), read without loading its tensors; a hub folder of
     unknown kind is downloaded (`hub.resolve`) to read it."""
     if hub.is_reference(path):
         reference = hub.parse(str(path))

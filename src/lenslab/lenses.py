@@ -243,3 +243,11 @@ class TunedLens(StoredLens):
     @classmethod
     def empty(cls, view: ModelView, config: LensConfig) -> TunedLens:
         return cls(view, bias=config.bias)
+
+
+class LinearLens(TunedLens):
+    """The tuned lens's translators, `h + A_l h + b_l`, fitted in closed form instead of trained: each the ridge
+    least-squares map from its position's residual to the last one (Din et al. 2023, "Jump to Conclusions"; see
+    `lenslab.train.linear_fit`). Same parameters and folder format as `TunedLens`, kind "linear"."""
+
+    kind = "linear"

@@ -26,7 +26,7 @@ DTYPE_CHOICES = get_args(Dtype)
 """`--dtype` values; "auto" is bfloat16 on GPUs that support it, float32 otherwise (see `lenslab.loading`)."""
 DeviceMap = Literal["auto", "balanced", "balanced_low_0", "sequential"]
 Units = Literal["bits-per-byte", "nats"]
-LensKind = Literal["tuned", "jacobian"]
+LensKind = Literal["tuned", "linear", "jacobian"]
 LensLayout = Literal["lenslab", "jacobian-lens", "tuned-lens"]
 """`lenslab convert --to` values, `lenslab.convert.LAYOUTS`."""
 Stat = Literal["entropy", "prob", "rank", "kl", "target"]
@@ -449,11 +449,14 @@ class TrainSpec:
     output: Path
     """Directory for the lens, log and checkpoints."""
     kind: LensKind = "tuned"
-    """The lens to make: tuned (affine translators trained to match the model) or jacobian (the Jacobian lens of
-    Gurnee et al. 2026, the mean Jacobian of the last layer's output to each layer's, fitted without training)."""
+    """The lens to make: tuned (affine translators trained to match the model), linear (the same translators fitted
+    by least squares alone, Din et al. 2023: the fast recipe's start, no training step) or jacobian (the Jacobian
+    lens of Gurnee et al. 2026, the mean Jacobian of the last layer's output to each layer's, fitted without
+    training)."""
     train_tokens: int | None = None
     """Training tokens to read. Default: --steps x --tokens-per-step, so no text is read twice, or --init-tokens if
-    that is more; for the Jacobian lens 100 prompts of --seq-len tokens."""
+    that is more; for the linear lens 65536 (the fast recipe's --init-tokens); for the Jacobian lens 100 prompts
+    of --seq-len tokens."""
     dim_batch: int = 32
     """Jacobian lens: copies of a prompt in one backward pass; more is faster and takes more memory, the lens is the
     same."""

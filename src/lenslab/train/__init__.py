@@ -1,4 +1,4 @@
-"""Training tuned lenses: `train_lens(view, tokens, TrainConfig(...))`.
+"""Training tuned lenses, `train_lens(view, tokens, TrainConfig(...))`, and fitting the other kinds.
 
 The package follows the pieces of a run, each readable alone:
 
@@ -15,6 +15,9 @@ The package follows the pieces of a run, each readable alone:
     checkpoints.py   what the output directory holds, resume and refusal to overwrite
     stopping.py      what stops a run early: divergence, SIGINT and SIGTERM
     loop.py          train_lens, tying them together
+    linear_fit.py    the linear lens (`--kind linear`): the closed-form start alone, kept as a lens
+    jacobian_fit.py  the Jacobian lens (`--kind jacobian`): mean Jacobians over prompts, checkpointed
+    run.py           one `lenslab train` run from its specs: model, tokens per kind, the lens, its reading
 
 >>> from lenslab import load_model, ModelView                         # doctest: +SKIP
 >>> from lenslab.data import DataSpec, prepare_tokens                  # doctest: +SKIP

@@ -42,7 +42,7 @@ whitens gradients with (`lenslab.train.whitened_sgd`); `input_inverses` hands it
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -163,27 +163,33 @@ class ClosedFormStart(NamedTuple):
 
 @torch.no_grad()
 def fit_closed_form(
-    view: ModelView, lens: TunedLens, tokens: Tensor, micro_batch: int, ridge: float, processes: Processes
+    view: ModelView,
+    lens: TunedLens,
+    tokens: Tensor,
+    micro_batch: int,
+    ridge: float,
+    processes: Processes,
+    progress: Callable[[int], None] | None = None,
 ) -> ClosedFormStart:
     """Set every translator of `lens` to its ridge solution on `tokens`, shrunk toward the identity as the held-out
     KL says (see the module docstring).
 
     tokens: [n, seq_len], the same on every process; each process reads its share (`rank::world_size`) of the
-    fitted and of the held-out sequences, and the normal equations are averaged over processes before solving, so
-    every process gets the solution of all the tokens.
+    fitted and of the held-out sequences (`tokens_read` of them), and the normal equations are averaged over
+    processes before solving, so every process gets the solution of all the tokens. `progress` is called with the
+    number of tokens of each micro-batch once it is read.
     """
-    num_heldout = heldout_sequences(len(tokens))
-    fitted, heldout = tokens[: len(tokens) - num_heldout], tokens[len(tokens) - num_heldout :]
+    fitted, heldout = _split(tokens)
     share = slice(processes.rank, None, processes.world_size)
     equations = NormalEquations.zeros(view.num_layers, view.d_model, lens.bias)
-    for hidden in _residuals(view, fitted[share], micro_batch):
+    for hidden in _residuals(view, fitted[share], micro_batch, progress):
         equations.add(hidden, lens.bias)
     equations.average(processes, view.device)
     shrinkage = None
-    if num_heldout:
+    if len(heldout):
         _set_translators(lens, equations, ridge, [1.0] * view.num_layers)
         kl = torch.zeros(view.num_layers, len(SHRINKAGE_GRID), dtype=torch.float64, device=view.device)
-        for hidden in _residuals(view, heldout[share], micro_batch):
+        for hidden in _residuals(view, heldout[share], micro_batch, progress):
             kl += _shrunk_kl_sums(view, lens, hidden)
             equations.add(hidden, lens.bias)
         processes.average([kl])
@@ -209,13 +215,29 @@ def fit_closed_form(
     return ClosedFormStart(equations=equations, shrinkage=shrinkage)
 
 
-def _residuals(view: ModelView, tokens: Tensor, micro_batch: int) -> Iterator[list[Tensor]]:
+def tokens_read(tokens: Tensor, processes: Processes) -> int:
+    """How many of `tokens` ([n, seq_len]) this process reads in `fit_closed_form`."""
+    share = slice(processes.rank, None, processes.world_size)
+    return sum(part[share].numel() for part in _split(tokens))
+
+
+def _split(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The sequences fitted first, [n - k, seq_len], and the last k, held out to choose the shrinkage."""
+    num_heldout = heldout_sequences(len(tokens))
+    return tokens[: len(tokens) - num_heldout], tokens[len(tokens) - num_heldout :]
+
+
+def _residuals(
+    view: ModelView, tokens: Tensor, micro_batch: int, progress: Callable[[int], None] | None
+) -> Iterator[list[Tensor]]:
     """The residuals of every lens position, `Residuals.hidden`, for each micro-batch of `tokens`: [n, seq_len]."""
     for batch in tokens.split(micro_batch) if len(tokens) else ():
         input_ids = batch.to(view.device)
         with view.fused_activations():
             hidden = view.capture(input_ids, torch.ones_like(input_ids), need_logits=False).hidden
         yield hidden
+        if progress is not None:
+            progress(batch.numel())
 
 
 def _set_translators(lens: TunedLens, equations: NormalEquations, ridge: float, scales: list[float]) -> None:
