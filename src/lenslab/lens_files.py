@@ -26,8 +26,8 @@ LENS_KINDS: dict[str, type[StoredLens]] = {kind.kind: kind for kind in (TunedLen
 
 
 def lens_kind(path: str | Path) -> str:
-    """The kind of lens at `path` ("tuned", "linear", "jacobian", ...), read without loading its tensors; a hub folder of
-    unknown kind is downloaded (`hub.resolve`) to read it."""
+    """The kind of lens at `path` ("tuned", "linear", "jacobian", ...), read without loading its tensors; a hub
+    folder of unknown kind is downloaded (`hub.resolve`) to read it."""
     if hub.is_reference(path):
         reference = hub.parse(str(path))
         if reference.kind is not None:
