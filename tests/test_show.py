@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lenslab.adapter import ModelView
 from lenslab.cli import main
+from lenslab.command_specs import Stat
 from lenslab.errors import LensLabError
 from lenslab.jacobian import ATTENTION_SINK_TOKENS, JacobianLens
 from lenslab.lenses import LogitLens, TunedLens
@@ -23,7 +24,7 @@ from lenslab.plots import html as html_plot
 from lenslab.plots import png as png_plot
 from lenslab.plots.palette import KIND_COLORS
 from lenslab.plots.scales import STATISTICS, statistic_label
-from lenslab.specs import LensSpec, Stat
+from lenslab.specs import LensSpec
 from lenslab.tokens import single_token_id, token_text, visible
 from lenslab.trajectory import TrajectoryConfig, compute_trajectories, encode_prompt
 

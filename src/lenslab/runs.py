@@ -247,9 +247,9 @@ def causal(
     stimulus-response alignment (`lenslab.causal.report.causal_report`)."""
     from lenslab.causal import save_bases
     from lenslab.causal.report import causal_report, parse_layers
+    from lenslab.command_specs import CAUSAL_SEQ_LEN
     from lenslab.plots.causal import plot_fidelity
     from lenslab.plots.summaries import causal_summary
-    from lenslab.specs import CAUSAL_SEQ_LEN
 
     paths = spec.paths
     for path in paths:

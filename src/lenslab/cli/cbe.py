@@ -17,7 +17,8 @@ Without ``--lens`` the logit lens is analysed. The sample is the first ``--token
 from __future__ import annotations
 
 from lenslab.cli.flags import LENSES, MODEL, TEXT, Command, Spec
-from lenslab.specs import CAUSAL_FILES, CAUSAL_SEQ_LEN, positive_int
+from lenslab.command_specs import CAUSAL_FILES, CAUSAL_SEQ_LEN
+from lenslab.specs import positive_int
 
 COMMANDS = [
     Command(
@@ -29,7 +30,7 @@ COMMANDS = [
         (
             MODEL, LENSES, TEXT,
             Spec("lenslab.causal.basis:ExtractionConfig", "extraction", only=("k", "method", "ablation", "seed")),
-            Spec("lenslab.specs:CausalSpec", "sample and output", flags={
+            Spec("lenslab.command_specs:CausalSpec", "sample and output", flags={
                 "output": {"names": ("--output", "-o"), "metavar": "DIR"}, "layers": {"metavar": "all|L1,L2,..."},
                 "tokens": {"type": positive_int, "metavar": "N"}, "batch_size": {"type": positive_int, "metavar": "N"},
             }),

@@ -17,7 +17,7 @@ from lenslab.cli.flags import Command, Spec
 from lenslab.specs import ModelSpec
 
 if TYPE_CHECKING:
-    from lenslab.specs import ConvertSpec
+    from lenslab.command_specs import ConvertSpec
 
 
 def run(spec: ConvertSpec) -> None:
@@ -47,7 +47,7 @@ COMMANDS = [
         "the tuned-lens layout. --model is optional: it checks the lens against the model and records the model's "
         "fingerprint.",
         (
-            Spec("lenslab.specs:ConvertSpec", flags={
+            Spec("lenslab.command_specs:ConvertSpec", flags={
                 "lens": {"metavar": "PATH"}, "output": {"names": ("--output", "-o"), "metavar": "PATH"},
             }),
         ),

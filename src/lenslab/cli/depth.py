@@ -27,7 +27,7 @@ COMMANDS = [
         "model's loss and, with --checkpoints, with the checkpoint at which training learned the token.",
         (
             MODEL, LENSES, TEXT,
-            Spec("lenslab.specs:DepthSpec", "depth and output", flags=SCORING | {
+            Spec("lenslab.command_specs:DepthSpec", "depth and output", flags=SCORING | {
                 "checkpoints": {"nargs": "+", "metavar": "MODEL"},
                 "checkpoint_revisions": {"nargs": "+", "metavar": "REVISION"},
             }),

@@ -31,7 +31,7 @@ COMMANDS = [
         "make-attacks` builds a labelled test set from any multiple-choice file.",
         (
             MODEL, LENSES,
-            Spec("lenslab.specs:DetectSpec", "detection", flags=SCORING | {
+            Spec("lenslab.command_specs:DetectSpec", "detection", flags=SCORING | {
                 "normal": FILE, "test": FILE, "resamples": {"type": positive_int, "metavar": "N"},
             }),
         ),
@@ -45,7 +45,10 @@ COMMANDS = [
         "wrongly for attacked ones. --fraction 0 builds a normal set of the same layout.",
         (
             Spec("lenslab.applications.attacks:AttackConfig"),
-            Spec("lenslab.specs:AttackFiles", flags={"input": FILE, "output": {"names": ("--output", "-o"), **FILE}}),
+            Spec(
+                "lenslab.command_specs:AttackFiles",
+                flags={"input": FILE, "output": {"names": ("--output", "-o"), **FILE}},
+            ),
         ),
         "lenslab.runs:make_attacks",
     ),

@@ -26,7 +26,7 @@ COMMANDS = [
         "eval", "score lenses layer by layer on held-out text",
         "Score the logit lens and any trained lenses at every layer on held-out text: cross-entropy, KL to the "
         "model's prediction, entropy, top-1 agreement and marginal bias, as JSON, a table and a PNG.",
-        (MODEL, LENSES, TEXT, Spec("lenslab.specs:EvalSpec", "scoring and output", flags=SCORING)),
+        (MODEL, LENSES, TEXT, Spec("lenslab.command_specs:EvalSpec", "scoring and output", flags=SCORING)),
         "lenslab.runs:evaluate",
     )
 ]  # fmt: skip

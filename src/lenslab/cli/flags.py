@@ -144,14 +144,12 @@ _UNREADABLE = object()
 def _fields(path: str) -> list[tuple[str, ast.expr, Any, str]]:
     """(name, annotation, default, docstring) of each field of the dataclass `"module:Class"`, from its source.
 
-    Aliases (`Dtype = Literal[...]`) and constants (`HELDOUT_TOKENS = 65536`) of the module are resolved.
+    Aliases (`Dtype = Literal[...]`) and constants (`HELDOUT_TOKENS = 65536`) of the module, or imported by it from
+    another lenslab module, are resolved.
     """
     module, name = path.split(":")
     tree = ast.parse(_source(module).read_text(encoding="utf-8"))
-    names = {
-        node.targets[0].id: node.value for node in tree.body if isinstance(node, ast.Assign)
-        and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-    }  # fmt: skip
+    names = _module_names(tree)
     body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name).body
     fields = []
     for node, after in zip(body, [*body[1:], None]):
@@ -161,6 +159,20 @@ def _fields(path: str) -> list[tuple[str, ast.expr, Any, str]]:
         doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) else ""
         fields.append((node.target.id, annotation, _default(node.value, names), " ".join(doc.split())))
     return fields
+
+
+def _module_names(tree: ast.Module) -> dict[str, ast.expr]:
+    """The module's top-level assignments, and those it imports by name from other lenslab modules."""
+    names: dict[str, ast.expr] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lenslab."):
+            imported = _module_names(ast.parse(_source(node.module).read_text(encoding="utf-8")))
+            names |= {
+                alias.asname or alias.name: imported[alias.name] for alias in node.names if alias.name in imported
+            }
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            names[node.targets[0].id] = node.value
+    return names
 
 
 def _source(module: str) -> Path:

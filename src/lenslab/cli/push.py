@@ -15,7 +15,7 @@ from lenslab.cli import console
 from lenslab.cli.flags import Command, Spec
 
 if TYPE_CHECKING:
-    from lenslab.specs import PushSpec
+    from lenslab.command_specs import PushSpec
 
 
 def run(spec: PushSpec) -> None:
@@ -40,7 +40,7 @@ COMMANDS = [
         "and a generated model card (README.md: base model, tags, training data and recipe, and with --eval the "
         "per-layer table of lenslab eval); --lens hf://OWNER/NAME loads it back.",
         (
-            Spec("lenslab.specs:PushSpec", flags={
+            Spec("lenslab.command_specs:PushSpec", flags={
                 "lens": {"metavar": "DIR"}, "repo": {"metavar": "OWNER/NAME"},
                 "evaluation": {"names": ("--eval",), "metavar": "EVAL.json"}, "base_model": {"metavar": "OWNER/NAME"},
                 "output": {"names": ("--output", "-o"), "metavar": "DIR"},

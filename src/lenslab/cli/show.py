@@ -26,7 +26,7 @@ COMMANDS = [
                 "top_k": {"type": positive_int, "metavar": "K"},
                 "positions": {"type": positions, "metavar": "START:END"},
             }),
-            Spec("lenslab.specs:ShowSpec", "prompt and output", flags={
+            Spec("lenslab.command_specs:ShowSpec", "prompt and output", flags={
                 "prompt": {"positional": True}, "prompt_file": {"metavar": "FILE"},
                 "target": {"metavar": "TOKEN"}, "anti_target": {"metavar": "TOKEN"},
                 "output": {"names": ("--output", "-o"), "metavar": "FILE"},

@@ -24,7 +24,8 @@ from lenslab.cli.flags import MODEL, TEXT, Command, Spec
 from lenslab.specs import positive_int, whole_number
 
 if TYPE_CHECKING:
-    from lenslab.specs import ModelSpec, TextSpec, TrainSpec
+    from lenslab.command_specs import TrainSpec
+    from lenslab.specs import ModelSpec, TextSpec
     from lenslab.train import TrainConfig
 
 
@@ -58,7 +59,7 @@ COMMANDS = [
             Spec("lenslab.train.config:TrainConfig", "training (settings whose default is the recipe's say so)",
                  flags={"tokens_per_step": {"type": positive_int, "metavar": "N"}, "init_tokens": COUNT,
                         "batch_size": {"type": positive_int, "metavar": "N"}}),
-            Spec("lenslab.specs:TrainSpec", "run", flags={
+            Spec("lenslab.command_specs:TrainSpec", "run", flags={
                 "output": {"names": ("--output", "-o"), "metavar": "DIR"},
                 "train_tokens": {"type": positive_int, "metavar": "N"}, "heldout_tokens": COUNT,
                 "dim_batch": {"type": positive_int, "metavar": "N"},

@@ -23,7 +23,7 @@ COMMANDS = [
         "lens and, with --own-lens, its own tuned lens; output as in `lenslab eval`.",
         (
             MODEL, Spec("lenslab.specs:TransferSpec", "lenses", flags={"lens": {"metavar": "DIR"}}), TEXT,
-            Spec("lenslab.specs:EvalSpec", "scoring and output", only=(*SCORING, "units"), flags=SCORING),
+            Spec("lenslab.command_specs:EvalSpec", "scoring and output", only=(*SCORING, "units"), flags=SCORING),
         ),
         "lenslab.runs:transfer",
     )

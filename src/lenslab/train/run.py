@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lenslab.adapter import ModelView
+from lenslab.command_specs import TrainSpec
 from lenslab.errors import LensLabError
-from lenslab.specs import ModelSpec, TextSpec, TrainSpec
+from lenslab.specs import ModelSpec, TextSpec
 from lenslab.train import jacobian_fit, linear_fit, loop
 from lenslab.train.batches import sequences_per_step
 from lenslab.train.checkpoints import CHECKPOINT_DIR, STATE_FILE, own_output
