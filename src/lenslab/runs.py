@@ -27,20 +27,19 @@ from lenslab.scoring import Stage
 if TYPE_CHECKING:
     from lenslab.applications.attacks import AttackConfig
     from lenslab.causal import ExtractionConfig
-    from lenslab.lenses import Lens
-    from lenslab.loading import LoadedModel
-    from lenslab.specs import (
+    from lenslab.command_specs import (
         AttackFiles,
         CausalSpec,
+        ConvertSpec,
         DepthSpec,
         DetectSpec,
         EvalSpec,
-        LensSpec,
-        ModelSpec,
+        PushSpec,
         ShowSpec,
-        TextSpec,
-        TransferSpec,
     )  # fmt: skip
+    from lenslab.lenses import Lens
+    from lenslab.loading import LoadedModel
+    from lenslab.specs import LensSpec, ModelSpec, TextSpec, TransferSpec
     from lenslab.trajectory import TrajectoryConfig
 
 SHOW_FORMATS = (".html", ".png", ".json")
@@ -269,6 +268,45 @@ def causal(
     plot_fidelity(report.fidelities, report.alignments, paths[2], model=model.model, lens_kind=lens.kind)
     lens_name = f"{lens.kind} lens {lenses.lens[0]}" if lenses.lens else "logit lens"
     return causal_summary(report, list(paths), lens_name=lens_name)
+
+
+def convert(spec: ConvertSpec, *, stage: Stage | None = None) -> Report:
+    """`lenslab convert`: the lens in another layout (`lenslab.convert.convert_lens`), checked against `--model` if
+    given."""
+    from pathlib import Path
+
+    from lenslab import hub
+    from lenslab.convert import check_output as check_conversion_output
+    from lenslab.convert import convert_lens, describe, source_layout
+    from lenslab.specs import ModelSpec
+
+    check_conversion_output(spec.output, spec.to)
+    # A hub lens is fetched, and a missing lens refused, before a model loads.
+    lens = hub.resolve(spec.lens, spec.model) if hub.is_reference(spec.lens) else Path(spec.lens)
+    source_layout(lens)
+    view = None
+    if spec.model is not None:
+        view = ModelView.from_model(ModelSpec(spec.model, dtype="float32", device="cpu").load().model)
+    check = "shapes" if spec.allow_model_mismatch else "full"
+    conversion = convert_lens(lens, spec.to, spec.output, view=view, check=check)
+    return Report(describe(conversion), [conversion.output])
+
+
+def push(spec: PushSpec, *, stage: Stage | None = None) -> Report:
+    """`lenslab push`: upload the lens and its model card (`lenslab.publish.push_lens`), or write them for a dry
+    run."""
+    from lenslab.publish import push_lens
+
+    published = push_lens(
+        spec.lens, spec.repo, evaluation=spec.evaluation, base_model=spec.base_model, private=spec.private,
+        dry_run=spec.output if spec.dry_run else None,
+    )  # fmt: skip
+    files = ", ".join(published.files)
+    if published.url is None:
+        reading = (f"dry run: nothing was uploaded to {spec.repo}", f"an upload would send {files}")
+    else:
+        reading = (f"uploaded {files} to {spec.repo}: {published.url}", f"load it with --lens hf://{spec.repo}")
+    return Report(reading, list(published.written))
 
 
 def example_model(*, stage: Stage | None = None) -> Report:

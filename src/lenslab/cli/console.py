@@ -18,18 +18,26 @@ def run(function: str, specs: Sequence[object]) -> int:
     is 0. `stage(description, total)` starts a progress bar with an ETA (ending the previous one) and returns
     `advance(n)`, which the library calls after each batch."""
     module, name = function.split(":")
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=True,
-    ) as progress:  # fmt: skip
+    progress: Progress | None = None  # started by the first stage, so that a command refused at once prints no bar
 
-        def stage(description: str, total: int | None) -> Callable[[int], None]:
-            for task in progress.task_ids:
-                progress.remove_task(task)
-            task = progress.add_task(description, total=total)
-            return lambda n: progress.advance(task, n)
+    def stage(description: str, total: int | None) -> Callable[[int], None]:
+        nonlocal progress
+        if progress is None:
+            progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )  # fmt: skip
+            progress.start()
+        for task in progress.task_ids:
+            progress.remove_task(task)
+        task = progress.add_task(description, total=total)
+        return lambda n: progress.advance(task, n)
 
+    try:
         report = getattr(importlib.import_module(module), name)(*specs, stage=stage)
+    finally:
+        if progress is not None:
+            progress.stop()
     show(report)
     return 0
 

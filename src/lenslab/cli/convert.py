@@ -9,33 +9,7 @@ What converts exactly, what is refused and what is left out is `lenslab.convert`
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-from lenslab.cli import console
 from lenslab.cli.flags import Command, Spec
-from lenslab.specs import ModelSpec
-
-if TYPE_CHECKING:
-    from lenslab.command_specs import ConvertSpec
-
-
-def run(spec: ConvertSpec) -> None:
-    from lenslab import hub
-    from lenslab.adapter import ModelView  # imported here so that `lenslab --help` does not pay for torch
-    from lenslab.convert import check_output, convert_lens, describe, source_layout
-
-    check_output(spec.output, spec.to)
-    # A hub lens is fetched, and a missing lens refused, before a model loads.
-    lens = hub.resolve(spec.lens, spec.model) if hub.is_reference(spec.lens) else Path(spec.lens)
-    source_layout(lens)
-    view = None
-    if spec.model is not None:
-        view = ModelView.from_model(ModelSpec(spec.model, dtype="float32", device="cpu").load().model)
-    check = "shapes" if spec.allow_model_mismatch else "full"
-    conversion = convert_lens(lens, spec.to, spec.output, view=view, check=check)
-    console.conclude([conversion.output], describe(conversion))
-
 
 COMMANDS = [
     Command(
@@ -51,6 +25,6 @@ COMMANDS = [
                 "lens": {"metavar": "PATH"}, "output": {"names": ("--output", "-o"), "metavar": "PATH"},
             }),
         ),
-        run,
+        "lenslab.runs:convert",
     )
 ]  # fmt: skip

@@ -9,29 +9,7 @@ hf://OWNER/NAME` then loads; `--dry-run` writes them into `--output` instead and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from lenslab.cli import console
 from lenslab.cli.flags import Command, Spec
-
-if TYPE_CHECKING:
-    from lenslab.command_specs import PushSpec
-
-
-def run(spec: PushSpec) -> None:
-    from lenslab.publish import push_lens  # imported here so that `lenslab --help` does not pay for torch
-
-    published = push_lens(
-        spec.lens, spec.repo, evaluation=spec.evaluation, base_model=spec.base_model, private=spec.private,
-        dry_run=spec.output if spec.dry_run else None,
-    )  # fmt: skip
-    files = ", ".join(published.files)
-    if published.url is None:
-        reading = (f"dry run: nothing was uploaded to {spec.repo}", f"an upload would send {files}")
-    else:
-        reading = (f"uploaded {files} to {spec.repo}: {published.url}", f"load it with --lens hf://{spec.repo}")
-    console.conclude(published.written, reading)
-
 
 COMMANDS = [
     Command(
@@ -46,6 +24,6 @@ COMMANDS = [
                 "output": {"names": ("--output", "-o"), "metavar": "DIR"},
             }),
         ),
-        run,
+        "lenslab.runs:push",
     )
 ]  # fmt: skip
