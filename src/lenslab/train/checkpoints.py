@@ -273,6 +273,24 @@ class Start(NamedTuple):
     """The directory already holds the lens this run would train: nothing to do."""
 
 
+def claim_output(
+    held: contextlib.ExitStack,
+    output_dir: Path | None,
+    fingerprint: dict[str, Any],
+    *,
+    owner: bool,
+    resume: bool,
+    overwrite: bool,
+) -> Start:
+    """Hold `output_dir` until `held` closes (`own_output`, on the process that writes: `owner`) and plan where the
+    run starts in it (`plan_start`); without an output directory a run starts from scratch."""
+    if output_dir is None:
+        return Start(None, finished=False)
+    if owner:
+        held.enter_context(own_output(output_dir, overwrite=overwrite))
+    return plan_start(output_dir, fingerprint, resume=resume, overwrite=overwrite)
+
+
 def plan_start(output_dir: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool) -> Start:
     """Decide how to start in `output_dir`: resume a checkpoint, or return a finished lens, of this configuration
     (with `overwrite` too, unless `resume` is off); raise rather than replace another configuration's files unless

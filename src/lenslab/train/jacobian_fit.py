@@ -69,18 +69,17 @@ def fit_jacobian_lens(
     sums = JacobianSums(view, dim_batch=dim_batch)
     done, elapsed = 0, 0.0
     with contextlib.ExitStack() as held:
-        if writes:
-            held.enter_context(checkpoints.own_output(output_dir, overwrite=overwrite))
-        if output_dir is not None:
-            start = checkpoints.plan_start(output_dir, fingerprint, resume=resume, overwrite=overwrite)
-            if start.finished:
-                log.info("%s already holds the Jacobian lens this run would fit; loading it", output_dir)
-                lens = JacobianLens.load(output_dir, view)
-                return JacobianFitResult(lens, lens.prompts, lens.metadata.get("seconds", 0.0), already_fitted=True)
-            if start.checkpoint is not None:
-                done, elapsed = start.checkpoint.step, start.checkpoint.elapsed
-                if processes.is_main:  # the others start from zero: the sums are added over processes
-                    sums.sums.copy_(start.checkpoint.lens["sums"])
+        start = checkpoints.claim_output(
+            held, output_dir, fingerprint, owner=writes, resume=resume, overwrite=overwrite
+        )
+        if start.finished:
+            log.info("%s already holds the Jacobian lens this run would fit; loading it", output_dir)
+            lens = JacobianLens.load(output_dir, view)
+            return JacobianFitResult(lens, lens.prompts, lens.metadata.get("seconds", 0.0), already_fitted=True)
+        if start.checkpoint is not None:
+            done, elapsed = start.checkpoint.step, start.checkpoint.elapsed
+            if processes.is_main:  # the others start from zero: the sums are added over processes
+                sums.sums.copy_(start.checkpoint.lens["sums"])
         stop = held.enter_context(stop_between_steps())
         total = len(tokens)
         bar = held.enter_context(tqdm(

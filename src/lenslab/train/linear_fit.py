@@ -75,18 +75,17 @@ def fit_linear_lens(
     fingerprint = checkpoints.run_fingerprint(view, tokens, settings)
     view.model.eval().requires_grad_(False)
     with contextlib.ExitStack() as held:
-        if writes:
-            held.enter_context(checkpoints.own_output(output_dir, overwrite=overwrite))
-        if output_dir is not None:
-            start = checkpoints.plan_start(output_dir, fingerprint, resume=resume, overwrite=overwrite)
-            if start.finished:
-                log.info("%s already holds the linear lens this run would fit; loading it", output_dir)
-                lens = LinearLens.load(output_dir, view)
-                meta = lens.metadata
-                return LinearFitResult(
-                    lens, meta.get("tokens", tokens.numel()), meta.get("seconds", 0.0), meta.get("shrinkage"),
-                    already_fitted=True,
-                )  # fmt: skip
+        start = checkpoints.claim_output(
+            held, output_dir, fingerprint, owner=writes, resume=resume, overwrite=overwrite
+        )
+        if start.finished:
+            log.info("%s already holds the linear lens this run would fit; loading it", output_dir)
+            lens = LinearLens.load(output_dir, view)
+            meta = lens.metadata
+            return LinearFitResult(
+                lens, meta.get("tokens", tokens.numel()), meta.get("seconds", 0.0), meta.get("shrinkage"),
+                already_fitted=True,
+            )  # fmt: skip
         micro_batch = micro_batch or choose_micro_batch(view, tokens.shape[1], chunked=True)
         order = step_indices(0, len(tokens), len(tokens), seed)  # the fast recipe's start reads this order
         ordered = tokens[order]
