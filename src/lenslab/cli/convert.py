@@ -22,7 +22,7 @@ COMMANDS = [
         "fingerprint.",
         (
             Spec("lenslab.command_specs:ConvertSpec", flags={
-                "lens": {"metavar": "PATH"}, "output": {"names": ("--output", "-o"), "metavar": "PATH"},
+                "lens": {"metavar": "LENS"}, "output": {"names": ("--output", "-o"), "metavar": "PATH"},
             }),
         ),
         "lenslab.runs:convert",

@@ -73,7 +73,7 @@ TEXT = Spec(
     "data",
     flags={"data": {"type": specs.data_source}, "seq_len": {"type": specs.positive_int, "metavar": "N"}},
 )
-LENSES = Spec("lenslab.specs:LensSpec", "lenses", flags={"lens": {"metavar": "PATH"}})
+LENSES = Spec("lenslab.specs:LensSpec", "lenses", flags={"lens": {"metavar": "LENS"}})
 
 
 def _add_flag(parser: Any, name: str, annotation: ast.expr, default: Any, doc: str, settings: dict) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from lenslab.cli.eval import SCORING
 from lenslab.cli.flags import MODEL, TEXT, Command, Spec
 
+LENS = {"metavar": "LENS"}
+"""A lens folder or a hub reference (`lenslab.hub`)."""
 COMMANDS = [
     Command(
         "transfer", "score a base model's tuned lens on a fine-tuned relative",
@@ -22,7 +24,7 @@ COMMANDS = [
         "fingerprint check is relaxed to shapes) and score it layer by layer beside the fine-tuned model's logit "
         "lens and, with --own-lens, its own tuned lens; output as in `lenslab eval`.",
         (
-            MODEL, Spec("lenslab.specs:TransferSpec", "lenses", flags={"lens": {"metavar": "DIR"}}), TEXT,
+            MODEL, Spec("lenslab.specs:TransferSpec", "lenses", flags={"lens": LENS, "own_lens": LENS}), TEXT,
             Spec("lenslab.command_specs:EvalSpec", "scoring and output", only=(*SCORING, "units"), flags=SCORING),
         ),
         "lenslab.runs:transfer",
