@@ -86,7 +86,7 @@ def figure(trajectories: Sequence[Trajectory], stat: str = "entropy") -> Figure:
         axes[-1].set_xlabel("input token", fontsize=7)
         fig.supylabel("lens position", fontsize=8)
         fig.suptitle(
-            f"{short_model_name(first.model_name)}: {statistic_label(first, stat)} ({grid.CELL_TEXT})", fontsize=9
+            f"{short_model_name(first.model_name)}: {statistic_label(first, stat)}; {grid.CELL_TEXT}", fontsize=9
         )
     return fig
 
